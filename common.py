@@ -1,0 +1,680 @@
+"""
+Plumbing shared by every stage, written once: configuration, device and precision, distributed set-up,
+checkpoints, token data, metrics and plots. Nothing here is part of the algorithms the stages teach.
+
+Configuration works like nanoGPT's: each script declares its settings as a dataclass of plain values with a
+comment each; a config file (Python) overrides some; `--key=value` on the command line overrides again.
+
+    python train_lm.py config/lm_small.py --max_iters=100 --out_dir=out/try
+    python train_lm.py --help          # every key, its default and its meaning
+"""
+import ast
+import contextlib
+import dataclasses
+import difflib
+import inspect
+import json
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import typing
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig, config_from_dict
+
+
+class UserError(SystemExit):
+    """A problem with the user's input: printed as one line ('error: ...') and exit status 1, no traceback."""
+
+    def __init__(self, message):
+        super().__init__(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# configuration
+
+@dataclass
+class RunConfig:
+    """The keys every stage shares, so that moving between stages needs no relearning."""
+    out_dir: str = "out"  # where ckpt.pt, metrics.jsonl and the plots are written
+    init_from: str = "scratch"  # 'scratch', 'resume' (out_dir's ckpt.pt), a GPT-2 name ('gpt2', ...) or another stage's out_dir
+    max_iters: int = 1000  # optimizer steps in total
+    eval_interval: int = 100  # evaluate (and save a checkpoint) every this many steps
+    log_interval: int = 10  # print a progress line every this many steps
+    seed: int = 1337  # seeds every random choice: runs with the same seed on a CPU are identical
+    device: typing.Literal["auto", "cpu", "cuda"] = "auto"  # 'auto' picks cuda when there is one; or 'cuda:1'
+    dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # 'auto': bf16 (or fp16) on a GPU, float32 on a CPU
+    compile: bool = False  # torch.compile the model: faster on a GPU after a slow first step
+
+
+def _field_comments(cls):
+    """The trailing '# ...' comment of each field in the class bodies of cls and its bases: the --help text."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s+(\w+)\s*:[^=]+=.*?\s#\s*(.*)$", line)
+            if m:
+                comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def _check_type(cls, key, value, source):
+    """The value, converted where that is lossless (an int for a float key), or a UserError naming the key."""
+    ftype = {f.name: f.type for f in dataclasses.fields(cls)}[key]
+    if typing.get_origin(ftype) is typing.Literal:
+        choices = typing.get_args(ftype)
+        # 'device' also takes 'cuda:N'
+        if value in choices or (key == "device" and isinstance(value, str) and re.fullmatch(r"cuda:\d+", value)):
+            return value
+        raise UserError(f"{source}: {key}={value!r} is not one of {', '.join(map(repr, choices))}")
+    if ftype is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not ftype:
+        raise UserError(f"{source}: {key} must be {ftype.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _unknown_key(cls, key, source):
+    keys = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, keys, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return UserError(f"{source}: unknown config key {key!r}; {hint}valid keys: {', '.join(keys)}")
+
+
+def config_help(cls, script):
+    comments = _field_comments(cls)
+    lines = [f"usage: python {script} [config/file.py] [--key=value ...]", "", "keys (default, meaning):"]
+    for f in dataclasses.fields(cls):
+        default = repr(f.default)
+        choices = typing.get_args(f.type) if typing.get_origin(f.type) is typing.Literal else None
+        meaning = comments.get(f.name, "")
+        if choices:
+            meaning += f" [{' | '.join(choices)}]"
+        lines.append(f"  --{f.name}={default}".ljust(40) + " " + meaning)
+    return "\n".join(lines)
+
+
+def load_config(cls, argv=None):
+    """Defaults from cls, then each config file named in argv, then each --key=value, in order."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(config_help(cls, os.path.basename(sys.argv[0])))
+        raise SystemExit(0)
+    values = {}
+    keys = {f.name for f in dataclasses.fields(cls)}
+    for arg in argv:
+        if not arg.startswith("--"):
+            # a config file: plain Python whose top-level names are config keys
+            if not os.path.isfile(arg):
+                raise UserError(f"config file {arg!r} not found")
+            namespace = {}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, "exec"), namespace)
+            for key, value in namespace.items():
+                if key.startswith("_") or inspect.ismodule(value) or callable(value):
+                    continue
+                if key not in keys:
+                    raise _unknown_key(cls, key, arg)
+                values[key] = _check_type(cls, key, value, arg)
+        else:
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise UserError(f"argument {arg!r} must look like --key=value")
+            if key not in keys:
+                raise _unknown_key(cls, key, "command line")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # an unquoted string, e.g. --out_dir=out/run2
+            if {f.name: f.type for f in dataclasses.fields(cls)}[key] is str and not isinstance(value, str):
+                value = text  # a string key takes the text as written, e.g. --start=123
+            values[key] = _check_type(cls, key, value, "command line")
+    return cls(**values)
+
+
+def print_config(cfg):
+    width = max(len(k) for k in dataclasses.asdict(cfg))
+    print("config:")
+    for key, value in dataclasses.asdict(cfg).items():
+        print(f"  {key.ljust(width)} = {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# device, precision, several processes
+
+@dataclass
+class Runtime:
+    device: str  # 'cpu', 'cuda', 'cuda:1', ...
+    device_type: str  # 'cpu' or 'cuda', what torch.autocast wants
+    dtype: str  # the resolved precision: 'float32', 'bfloat16' or 'float16'
+    autocast: typing.Any  # a context manager: mixed precision for the forward pass, or nothing
+    ddp: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_master(self):
+        return self.rank == 0  # the one process that prints, evaluates and writes files
+
+
+def setup_runtime(cfg):
+    """Pick the device and precision; under torchrun, join the process group (NCCL on GPUs, gloo on CPUs)."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={device!r} but this machine has no CUDA GPU; use --device=cpu")
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = cfg.dtype
+    if dtype == "auto":
+        # bfloat16 needs no loss scaling; older GPUs without it get float16 + GradScaler. On a CPU float32:
+        # without AVX-512/AMX, bf16 matmuls are many times slower than float32.
+        if device_type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    autocast = (contextlib.nullcontext() if dtype == "float32"
+                else torch.autocast(device_type=device_type, dtype=ptdtype))
+    return Runtime(device, device_type, dtype, autocast, ddp, rank, local_rank, world_size)
+
+
+def grad_scaler(runtime):
+    """float16 gradients underflow without scaling the loss up first; bf16 and fp32 need no scaler."""
+    return torch.amp.GradScaler(runtime.device_type, enabled=runtime.dtype == "float16")
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def unwrap(model):
+    """The plain GPT inside a DDP and/or torch.compile wrapper."""
+    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
+
+
+def measure_matmul_flops(device="cpu", n=1024, reps=5):
+    """float32 matmul FLOP/s on this device: the peak an MFU figure is measured against when none is given."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    a @ b  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def cosine_lr(it, learning_rate, warmup_iters, decay_iters, min_lr):
+    """Linear warm-up, then cosine decay to min_lr at decay_iters, then min_lr (as nanoGPT)."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step, so the checkpoint it then writes
+    is exact. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for s in self._old:
+                signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)", flush=True)
+
+    def __exit__(self, *exc):
+        if threading.current_thread() is threading.main_thread():
+            for s, h in self._old.items():
+                signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints
+
+def save_checkpoint(path, checkpoint):
+    """Write atomically: a temporary file in the same directory, flushed to disk, then renamed over the old one.
+    A crash or kill at any moment leaves either the old checkpoint or the new one, never half of one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, hint=None):
+    """Load with weights_only=True: tensors and plain containers only, so an untrusted file cannot run code."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}" + (f"; {hint}" if hint else ""))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, wrong format, pickled code...
+        raise UserError(f"{path} is not a readable checkpoint (corrupt or truncated?): "
+                        f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    missing = [k for k in ("model_args", "model", "tokenizer") if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not a checkpoint of this project (missing {', '.join(missing)})")
+    return ckpt
+
+
+def clean_state_dict(state_dict):
+    """Strip the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add to parameter names."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("_orig_mod.", "module."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def model_from_checkpoint(ckpt, path="checkpoint", dropout=None, scalar_head=None):
+    """Build the GPT a checkpoint describes and load its weights; optionally change dropout or add/drop the
+    scalar head (a fresh head when the checkpoint has none, e.g. a reward model built from an SFT model)."""
+    args = dict(ckpt["model_args"])
+    if dropout is not None:
+        args["dropout"] = dropout
+    if scalar_head is not None:
+        args["scalar_head"] = scalar_head
+    model = GPT(config_from_dict(args))
+    state = clean_state_dict(ckpt["model"])
+    if not args["scalar_head"]:
+        state = {k: v for k, v in state.items() if not k.startswith("scalar_head")}
+    strict = ckpt["model_args"].get("scalar_head", False) or not args["scalar_head"]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit the model it describes: {str(e).splitlines()[1].strip()}") from None
+    missing = [k for k in missing if strict or not k.startswith("scalar_head")]
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+def check_model_args(ckpt_args, wanted, path):
+    """Resuming with a config that describes another model is an error, not a silent override."""
+    for key, value in wanted.items():
+        if key in ckpt_args and key != "dropout" and ckpt_args[key] != value:
+            raise UserError(f"{path} has {key}={ckpt_args[key]!r} but the config asks for {key}={value!r}; "
+                            f"change the config or use a new out_dir")
+
+
+def rng_state(data_generator=None):
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if data_generator is not None:
+        state["data"] = data_generator.get_state()
+    return state
+
+
+def set_rng_state(state, data_generator=None):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if data_generator is not None and "data" in state:
+        data_generator.set_state(state["data"])
+
+
+def init_model(init_from, out_dir, model_args, tokenizer_name, stage_hint):
+    """The model a stage starts from. Returns (model, checkpoint or None, tokenizer name).
+
+    init_from: 'scratch', a new GPT from model_args; 'resume', out_dir/ckpt.pt with its optimizer and RNG
+    state; a GPT-2 name or a local Hugging Face directory, GPT-2 weights; another stage's out_dir, its weights.
+    """
+    src = init_from
+    if src == "scratch":
+        return GPT(GPTConfig(**model_args)), None, tokenizer_name
+    if src == "resume":
+        path = os.path.join(out_dir, "ckpt.pt")
+        ckpt = load_checkpoint(path, hint="init_from='resume' continues a run in out_dir; start one with "
+                                          "init_from='scratch' first")
+        check_model_args(ckpt["model_args"], {k: v for k, v in model_args.items() if k != "block_size"}, path)
+        return model_from_checkpoint(ckpt, path, dropout=model_args.get("dropout")), ckpt, ckpt["tokenizer"]
+    if os.path.isfile(os.path.join(src, "config.json")) or (src.startswith("gpt2") and not os.path.isdir(src)):
+        model = GPT.from_pretrained(src, dropout=model_args.get("dropout", 0.0))
+        if model_args.get("block_size", model.config.block_size) < model.config.block_size:
+            model.crop_block_size(model_args["block_size"])
+        return model, None, "gpt2"
+    path = os.path.join(src, "ckpt.pt")
+    ckpt = load_checkpoint(path, hint=stage_hint)
+    return model_from_checkpoint(ckpt, path, dropout=model_args.get("dropout")), None, ckpt["tokenizer"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# token data: nanoGPT's flat uint16 arrays
+
+def dataset_dir(dataset):
+    """A dataset name is a folder under data/ of this repository; a path to a folder works too."""
+    if os.path.isdir(dataset) and os.path.sep in os.path.normpath(dataset):
+        return dataset
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+
+
+def read_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found; run `python {os.path.join(data_dir, 'prepare.py')}` first")
+    with open(path) as f:
+        return json.load(f)
+
+
+class TokenBatches:
+    """Random windows of block_size + 1 tokens from train.bin or val.bin: x is the window, y the window
+    shifted by one (the next token at every position)."""
+
+    def __init__(self, data_dir, split, block_size, batch_size, device):
+        self.path = os.path.join(data_dir, f"{split}.bin")
+        if not os.path.exists(self.path):
+            raise UserError(f"{self.path} not found; run `python {os.path.join(data_dir, 'prepare.py')}` first")
+        self.n_tokens = os.path.getsize(self.path) // 2
+        if self.n_tokens <= block_size + 1:
+            raise UserError(f"{self.path} has {self.n_tokens} tokens, fewer than one block of {block_size + 1}")
+        self.block_size, self.batch_size, self.device = block_size, batch_size, device
+
+    def get(self, generator):
+        # a fresh memmap per batch: numpy's memmap otherwise keeps growing resident memory (nanoGPT's note)
+        data = np.memmap(self.path, dtype=np.uint16, mode="r")
+        starts = torch.randint(self.n_tokens - self.block_size - 1, (self.batch_size,), generator=generator)
+        windows = np.stack([data[s:s + self.block_size + 1] for s in starts.tolist()]).astype(np.int64)
+        xy = torch.from_numpy(windows)
+        x, y = xy[:, :-1], xy[:, 1:]
+        if self.device.startswith("cuda"):
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x, y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# metrics and plots
+
+class Metrics:
+    """One JSON object per line in out_dir/metrics.jsonl. On resume from step N the records of steps after N
+    are dropped: the checkpoint knows nothing of them, and the resumed run writes them again."""
+
+    def __init__(self, out_dir, resume_iter=None, enabled=True):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.enabled = enabled
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        kept = []
+        if resume_iter is not None and os.path.exists(self.path):
+            kept = [r for r in read_jsonl_records(self.path) if r.get("iter", 0) <= resume_iter]
+        with open(self.path, "w") as f:
+            for r in kept:
+                f.write(json.dumps(r) + "\n")
+
+    def log(self, **record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl_records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(path, panels, title):
+    """panels: {panel title: {series name: (xs, ys)}} -> one PNG with a panel per entry, side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (panel, series) in zip(axes[0], panels.items()):
+        for name, (xs, ys) in series.items():
+            ax.plot(xs, ys, label=name, marker="o" if len(xs) < 30 else None, markersize=3)
+        ax.set_title(panel)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# text data: JSONL files of prompts, responses and preference pairs
+
+def read_jsonl(path):
+    """[(line number, object)] from a JSON-lines file; a bad line is an error naming file:line."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((n, obj))
+    if not rows:
+        raise UserError(f"{path} has no examples")
+    return rows
+
+
+def text_field(obj, key, where, allow_empty=False):
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise UserError(f"{where}: missing text field {key!r} (has {', '.join(sorted(obj)) or 'no fields'})")
+    if not allow_empty and not value.strip():
+        raise UserError(f"{where}: field {key!r} is empty")
+    return value
+
+
+INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def format_prompt(prompt, template):
+    """'none': the prompt as it is (our code task: a def line and a docstring already ask for a body);
+    'instruction': the Alpaca-style template for instruction data."""
+    if template == "none":
+        return prompt
+    if template == "instruction":
+        return INSTRUCTION_TEMPLATE.format(instruction=prompt.strip())
+    raise UserError(f"unknown prompt template {template!r}; choose 'none' or 'instruction'")
+
+
+def read_sft_examples(path):
+    """[(prompt, response)] from any of three formats, detected per line:
+    ours {"prompt", "response"}; Alpaca {"instruction", "input", "output"}; ChatLLaMA {"user_input", "completion"}."""
+    examples = []
+    for n, obj in read_jsonl(path):
+        where = f"{path}:{n}"
+        if "instruction" in obj:
+            prompt = text_field(obj, "instruction", where)
+            extra = obj.get("input") or ""
+            if not isinstance(extra, str):
+                raise UserError(f"{where}: field 'input' must be text")
+            prompt = f"{prompt}\n\n{extra}" if extra.strip() else prompt
+            response = text_field(obj, "output", where)
+        elif "user_input" in obj:
+            prompt, response = text_field(obj, "user_input", where), text_field(obj, "completion", where)
+        else:
+            prompt, response = text_field(obj, "prompt", where), text_field(obj, "response", where)
+        examples.append((prompt, response))
+    return examples
+
+
+def read_preference_pairs(path):
+    """[{"prompt", "chosen", "rejected", "kind"}] from ours {"prompt", "chosen", "rejected", "kind"?} or
+    Anthropic HH-RLHF's full texts {"chosen", "rejected"}, split at their last shared '\\n\\nAssistant:'."""
+    pairs = []
+    for n, obj in read_jsonl(path):
+        where = f"{path}:{n}"
+        chosen, rejected = text_field(obj, "chosen", where), text_field(obj, "rejected", where)
+        if "prompt" in obj:
+            prompt = text_field(obj, "prompt", where)
+        else:
+            marker = "\n\nAssistant:"
+            cut = chosen.rfind(marker)
+            if cut < 0 or not rejected.startswith(chosen[:cut + len(marker)]):
+                raise UserError(f"{where}: a full-text pair needs a shared prompt ending in {marker!r}")
+            prompt = chosen[:cut + len(marker)]
+            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+            if not chosen.strip() or not rejected.strip():
+                raise UserError(f"{where}: empty response after the prompt")
+        kind = obj.get("kind", "all")
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": str(kind)})
+    return pairs
+
+
+def read_scored_examples(path):
+    """[(prompt, completion, score)] from ChatLLaMA's reward data {"user_input", "completion", "score"}."""
+    examples = []
+    for n, obj in read_jsonl(path):
+        where = f"{path}:{n}"
+        score = obj.get("score")
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            raise UserError(f"{where}: field 'score' must be a number")
+        examples.append((text_field(obj, "user_input", where), text_field(obj, "completion", where), float(score)))
+    return examples
+
+
+def encode_prompt_response(tok, prompt, response, block_size):
+    """Token ids of prompt and of response + end-of-text, or None when together they exceed the context
+    (such examples are dropped and counted, never cut mid-token)."""
+    p, r = tok.encode(prompt), tok.encode(response) + [tok.eot_token]
+    if len(p) + len(r) > block_size or not p:
+        return None
+    return p, r
+
+
+def pad_right(seqs, pad_id):
+    """(B, T) ids padded on the right and a (B, T) mask, 1 on real tokens."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def pad_left(seqs, pad_id):
+    """(B, T) ids padded on the left and a (B, T) mask: generation continues every row at the same column."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, T - len(s):] = torch.tensor(s)
+            mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the embedded task's gold measure: does prompt + completion form a function Python accepts?
+
+def function_parses(prompt, completion):
+    """ast.parse only reads the text; generated code is never executed."""
+    import ast as _ast
+    try:
+        _ast.parse(prompt + completion)
+        return True
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return False
+
+
+def is_degenerate(completion):
+    """An empty body, or one that is only 'pass' or '...': it parses, but does nothing the docstring asks."""
+    body = completion.strip()
+    return body in ("", "pass", "...")
+
+
+def gold_metrics(prompts, completions):
+    """Share of completions that parse, share degenerate (empty/pass/... or one body repeated for most prompts)."""
+    n = len(completions)
+    parses = [function_parses(p, c) for p, c in zip(prompts, completions)]
+    degenerate = [is_degenerate(c) for c in completions]
+    counts = {}
+    for c in completions:
+        counts[c.strip()] = counts.get(c.strip(), 0) + 1
+    most_common_share = max(counts.values()) / n if n else 0.0
+    if n >= 10 and most_common_share > 0.5:  # the same body for most prompts: the policy stopped reading them
+        degenerate = [d or counts[c.strip()] / n > 0.5 for d, c in zip(degenerate, completions)]
+    return {"parses": sum(parses) / n, "degenerate": sum(degenerate) / n,
+            "parses_not_degenerate": sum(p and not d for p, d in zip(parses, degenerate)) / n,
+            "most_common_share": most_common_share}
+
+
+@torch.no_grad()
+def complete(model, tok, prompts, max_new_tokens, batch_size=64, device="cpu", autocast=None, greedy=True,
+             temperature=1.0, generator=None):
+    """Completion texts for prompt strings, cut at end-of-text: batched, left-padded, KV-cached generation.
+    Also returns each row's token ids (prompt, completion) for scoring."""
+    autocast = autocast or contextlib.nullcontext()
+    model.eval()
+    texts, token_rows = [], []
+    for i in range(0, len(prompts), batch_size):
+        encoded = [tok.encode(p) for p in prompts[i:i + batch_size]]
+        ids, mask = pad_left(encoded, tok.eot_token)
+        ids, mask = ids.to(device), mask.to(device)
+        with autocast:
+            out = model.generate(ids, max_new_tokens, attention_mask=mask, greedy=greedy, temperature=temperature,
+                                 eot_token=tok.eot_token, generator=generator)
+        for row, p in zip(out[:, ids.size(1):].tolist(), encoded):
+            cut = row.index(tok.eot_token) if tok.eot_token in row else len(row)
+            texts.append(tok.decode(row[:cut]))
+            token_rows.append((p, row[:cut + 1]))  # the completion keeps its end-of-text token, if it has one
+    return texts, token_rows

@@ -1,0 +1,429 @@
+"""
+Prepare the `pycode` dataset: Python source code, with nothing to download.
+
+The corpus is the standard library of the Python running this script: its .py files, without test
+directories and site-packages (734 files, 12.1 MB on CPython 3.11). Every machine that can run this repo already
+has it, and it is real, well-documented code. From it we write what each training stage needs:
+
+    train.bin, val.bin       pretraining: uint16 token ids, each file's text followed by end-of-text
+    sft_{train,val}.jsonl    fine-tuning: {"prompt": def line(s) + docstring, "response": the body}
+    pref_{train,val}.jsonl   reward model / DPO: {"prompt", "chosen", "rejected", "kind"}
+    prompts_train.jsonl      PPO: {"prompt"}, from the train split
+    prompts_eval.jsonl       evaluation: {"prompt", "reference"}, from the val split only
+    meta.json                tokenizer, options, counts, and a hash of the inputs
+
+Files are split into train/val BY FILE, by a hash of their relative path: the split is the same on every
+run and every machine, and val functions never sit next to their train neighbours. Val prompts that also
+appear in train are dropped, so the evaluation prompts are truly held out.
+
+Run from the repo root:
+
+    python data/pycode/prepare.py                      # byte tokenizer, small CPU scale
+    python data/pycode/prepare.py --tokenizer=gpt2     # GPT-2's BPE, e.g. to fine-tune GPT-2 weights
+    python data/pycode/prepare.py --max_body_lines=20  # GPU scale: a bigger model can learn longer bodies
+"""
+import argparse
+import ast
+import functools
+import hashlib
+import json
+import os
+import random
+import sys
+import sysconfig
+import tempfile
+import time
+import warnings
+from collections import Counter
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for tokenizer.py
+from tokenizer import TOKENIZERS, get_tokenizer  # noqa: E402
+
+STDLIB = sysconfig.get_paths()["stdlib"]
+SPLITS = ("train", "val")
+
+# -----------------------------------------------------------------------------
+# options
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line instead of a usage dump
+        raise SystemExit(f"prepare.py: error: {message}")
+
+
+def parse_args(argv=None):
+    p = _Parser(description="Build the pycode dataset from the Python standard library.", allow_abbrev=False)
+    p.add_argument("--tokenizer", default="byte", help=f"one of {sorted(TOKENIZERS)}")
+    p.add_argument("--src_dir", default=STDLIB, help="where to look for .py files (default: this Python's stdlib)")
+    p.add_argument("--out_dir", default=HERE, help="where to write (default: next to this script)")
+    # 1 file in 5, not 1 in 10: 1 in 10 gives only ~116 evaluation prompts on CPython 3.11, too few to measure with
+    p.add_argument("--val_every", type=int, default=5, help="a file goes to val if sha256(path) %% val_every == 0")
+    p.add_argument("--max_body_lines", type=int, default=2,
+                   help="keep functions whose body has at most this many non-blank lines. 2 is the CPU scale: "
+                        "a model trained for minutes writes short bodies far better than long ones; "
+                        "a GPU scale would use e.g. 20")
+    p.add_argument("--max_tokens", type=int, default=240,
+                   help="prompt+response at most this many tokens, so that with end-of-text they fit a 256 context")
+    p.add_argument("--seed", type=int, default=0, help="for the preference pairs' corruptions")
+    p.add_argument("--max_files", type=int, default=0, help="use only the first N files, 0 = all (quick tests)")
+    args = p.parse_args(argv)
+    if args.tokenizer not in TOKENIZERS:
+        raise SystemExit(f"prepare.py: unknown tokenizer {args.tokenizer!r}; choose one of {sorted(TOKENIZERS)}")
+    for name, low in (("val_every", 2), ("max_body_lines", 1), ("max_tokens", 1), ("max_files", 0)):
+        if getattr(args, name) < low:
+            raise SystemExit(f"prepare.py: --{name} must be at least {low}, got {getattr(args, name)}")
+    return args
+
+# -----------------------------------------------------------------------------
+# the corpus and its split
+
+
+def is_skipped_dir(name):
+    # test suites are huge, repetitive and full of deliberately odd code; site-packages is not the stdlib
+    return name in ("site-packages", "test", "tests", "__pycache__") or name.endswith("_test")
+
+
+def find_source_files(src_dir, max_files=0):
+    """Sorted '/'-separated paths, relative to src_dir, of its .py files outside skipped directories."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(src_dir):
+        dirnames[:] = [d for d in dirnames if not is_skipped_dir(d)]
+        rel = os.path.relpath(dirpath, src_dir).replace(os.sep, "/")
+        found += [name if rel == "." else f"{rel}/{name}" for name in filenames if name.endswith(".py")]
+    found.sort()  # os.walk's order depends on the file system; sorting makes every run identical
+    return found[:max_files] if max_files else found
+
+
+def split_of(relpath, val_every=5):
+    """'val' for about 1 in val_every files, chosen by a hash of the path: stable across runs and machines."""
+    return "val" if int(hashlib.sha256(relpath.encode("utf-8")).hexdigest(), 16) % val_every == 0 else "train"
+
+# -----------------------------------------------------------------------------
+# functions with docstrings -> (prompt, response) pairs
+
+
+def parse(source):
+    """The module's ast, or None if it does not parse."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. invalid escape sequences: noise, not errors
+        try:
+            return ast.parse(source)
+        except (SyntaxError, ValueError):  # ValueError: null bytes
+            return None
+
+
+def parses(source):
+    return parse(source) is not None
+
+
+def split_lines(text):
+    """Lines, each keeping its '\\n'. (str.splitlines also splits at form feeds; Python's parser does not.)"""
+    parts = text.split("\n")
+    return [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+
+
+def dedent(lines, indent):
+    """Remove `indent` from every line, or None if some non-blank line does not start with it."""
+    if any(line.strip() and not line.startswith(indent) for line in lines):
+        return None
+    text = "".join(line[len(indent):] if line.strip() else "\n" for line in lines)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def is_trivial(stmt):
+    """pass, ..., raise NotImplementedError: a body made of these teaches nothing."""
+    if isinstance(stmt, ast.Pass):
+        return True
+    if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and stmt.value.value is Ellipsis:
+        return True
+    if isinstance(stmt, ast.Raise) and stmt.exc is not None:
+        exc = stmt.exc.func if isinstance(stmt.exc, ast.Call) else stmt.exc
+        return isinstance(exc, ast.Name) and exc.id == "NotImplementedError"
+    return False
+
+
+def function_pair(node, lines, tok, max_body_lines, max_tokens):
+    """((prompt, response), None) for one documented function, or (None, why it was dropped)."""
+    doc, body = node.body[0], node.body[1:]
+    if not body:
+        return None, "docstring_only"
+    if body[0].lineno == doc.end_lineno:  # `"""doc"""; x = 1`: no line boundary between prompt and response
+        return None, "code_on_docstring_line"
+    if all(is_trivial(s) for s in body):
+        return None, "trivial_body"
+    # col_offset counts UTF-8 bytes; the text before the def must be its indentation
+    indent = lines[node.lineno - 1].encode("utf-8")[:node.col_offset].decode("utf-8", errors="replace")
+    # slicing whole lines (not ast.unparse) keeps the real source: comments, quotes, layout
+    prompt = dedent(lines[node.lineno - 1:doc.end_lineno], indent) if not indent.strip() else None
+    response = dedent(lines[doc.end_lineno:body[-1].end_lineno], indent)
+    if prompt is None or response is None:
+        return None, "dedent_failed"
+    if sum(1 for line in response.split("\n") if line.strip()) > max_body_lines:
+        return None, "body_too_long"
+    if len(tok.encode(prompt + response)) > max_tokens:
+        return None, "too_many_tokens"
+    if not parses(prompt + response):
+        return None, "does_not_parse"
+    return (prompt, response), None
+
+
+def extract_functions(text, tok, max_body_lines, max_tokens, dropped):
+    """(prompt, response) pairs from one file's documented functions, methods and nested functions included,
+    in source order. Counts why functions were dropped into the Counter `dropped`."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    tree = parse(text)
+    if tree is None:
+        dropped["file_does_not_parse"] += 1
+        return []
+    lines = split_lines(text)
+    nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    pairs = []
+    for node in sorted(nodes, key=lambda n: (n.lineno, n.col_offset)):
+        if ast.get_docstring(node, clean=False) is None:
+            continue  # no docstring: nothing to prompt with, so not a candidate at all
+        pair, why = function_pair(node, lines, tok, max_body_lines, max_tokens)
+        if pair:
+            pairs.append(pair)
+        else:
+            dropped[why] += 1
+    return pairs
+
+
+def dedupe(pairs, dropped):
+    out = list(dict.fromkeys(pairs))  # keeps the first of each, in order
+    dropped["duplicate"] += len(pairs) - len(out)
+    return out
+
+# -----------------------------------------------------------------------------
+# corruptions: a body -> a worse body of a named kind, or None where the kind does not apply
+
+MAX_TRIES = 20
+
+
+def _in_function(text, body):
+    """`text` in place of `body` after a stand-in prompt: `pass` where the docstring was, indented like body's
+    statements. Parses exactly when the real prompt + text does, so corruptions can check themselves."""
+    first = next((l for l in split_lines(body) if l.strip() and not l.lstrip().startswith("#")), "    ")
+    return "def _():\n" + first[:len(first) - len(first.lstrip())] + "pass\n" + text
+
+
+def _statements(body):
+    """The body's top-level statements as (first, last) 0-based line indices into split_lines(body)."""
+    tree = parse(_in_function(body, body))
+    return [(s.lineno - 3, s.end_lineno - 3) for s in tree.body[0].body[1:]] if tree else []
+
+
+def truncated(body, rng):
+    """Cut off inside the last statement, as if generation stopped too early; must no longer parse."""
+    stmts, lines = _statements(body), split_lines(body)
+    if not stmts:
+        return None
+    first, last = stmts[-1]
+    start = sum(map(len, lines[:first])) + len(lines[first]) - len(lines[first].lstrip())
+    end = sum(map(len, lines[:last + 1])) - 1  # before the final newline
+    cuts = list(range(start + 1, end))
+    rng.shuffle(cuts)
+    for cut in cuts[:MAX_TRIES]:
+        # ends with a newline like every real body, so a reward model cannot judge by the last character alone
+        rejected = body[:cut].rstrip("\n") + "\n"
+        if not parses(_in_function(rejected, body)):
+            return rejected
+    return None
+
+
+def unbalanced(body, rng):
+    """One bracket removed; must no longer parse (a bracket inside a string or comment would still parse)."""
+    spots = [i for i, c in enumerate(body) if c in "()[]{}"]
+    rng.shuffle(spots)
+    for i in spots[:MAX_TRIES]:
+        rejected = body[:i] + body[i + 1:]
+        if not parses(_in_function(rejected, body)):
+            return rejected
+    return None
+
+
+def bad_indent(body, rng):
+    """One line dedented to column 0 or given an odd extra indent; must no longer parse."""
+    lines = split_lines(body)
+    options = [(i, how) for i, line in enumerate(lines) if line.strip() for how in ("dedent", "indent")]
+    rng.shuffle(options)
+    for i, how in options[:MAX_TRIES]:
+        new = lines[i].lstrip(" \t") if how == "dedent" else " " * rng.choice((1, 3)) + lines[i]
+        rejected = "".join(lines[:i] + [new] + lines[i + 1:])
+        if rejected != body and not parses(_in_function(rejected, body)):
+            return rejected
+    return None
+
+
+def shuffled(body, rng):
+    """Statements (or, in a body of one statement, its lines) in another order."""
+    lines, stmts = split_lines(body), _statements(body)
+    starts = [first for first, _ in stmts] if len(stmts) >= 2 else [i for i, l in enumerate(lines) if l.strip()]
+    if len(starts) < 2:
+        return None
+    starts[0] = 0  # leading blank or comment lines travel with the first piece
+    pieces = [lines[a:b] for a, b in zip(starts, starts[1:] + [len(lines)])]
+    order = pieces[:]
+    rng.shuffle(order)
+    if order == pieces:
+        order = pieces[1:] + pieces[:1]
+    rejected = "".join(line for piece in order for line in piece)
+    return rejected if rejected != body else None
+
+
+def other_function(body, rng, pool):
+    """The body of another function of the same split: valid code that does not do what the docstring says."""
+    for _ in range(MAX_TRIES):
+        rejected = rng.choice(pool)
+        if rejected != body:
+            return rejected
+    return None
+
+
+CORRUPTIONS = {"truncated": truncated, "unbalanced": unbalanced, "bad_indent": bad_indent,
+               "shuffled": shuffled, "other_function": other_function}
+MUST_NOT_PARSE = ("truncated", "unbalanced", "bad_indent")
+
+
+def preference_pairs(pairs, rng):
+    """Exactly one preference pair per (prompt, response) pair. Returns (rows, pairs per kind, pairs skipped)."""
+    corrupt = dict(CORRUPTIONS, other_function=functools.partial(other_function, pool=[r for _, r in pairs]))
+    used, rows, skipped = Counter({kind: 0 for kind in CORRUPTIONS}), [], 0
+    for prompt, chosen in pairs:
+        options = {}
+        for kind, fn in corrupt.items():
+            rejected = fn(chosen, rng)
+            if rejected is None or rejected == chosen or (kind in MUST_NOT_PARSE and parses(prompt + rejected)):
+                continue
+            options[kind] = rejected
+        if not options:
+            skipped += 1
+            continue
+        # the least used kind that applies: kinds stay balanced though some apply more often than others
+        kind = min(options, key=lambda k: (used[k], rng.random()))
+        used[kind] += 1
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": options[kind], "kind": kind})
+    return rows, dict(used), skipped
+
+# -----------------------------------------------------------------------------
+# writing
+
+
+def write_atomic(path, write):
+    """Write through a temp file in the same directory, then rename: an interrupted run never leaves a half file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
+def write_jsonl(path, rows):
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def main(argv=None):
+    t0 = time.time()
+    args = parse_args(argv)
+    for key, value in vars(args).items():
+        print(f"{key} = {value}")
+    tok = get_tokenizer(args.tokenizer)
+    assert tok.n_vocab <= 2 ** 16, "token ids must fit in uint16"
+    src_dir = os.path.abspath(args.src_dir)
+    paths = find_source_files(src_dir, args.max_files) if os.path.isdir(src_dir) else []
+    if not paths:
+        raise SystemExit(f"prepare.py: no .py files found under {src_dir}")
+
+    # read every file, remembering its split
+    texts = {split: [] for split in SPLITS}
+    counts = {split: Counter(files=0, files_skipped_not_utf8=0, bytes=0, chars=0, lines=0) for split in SPLITS}
+    inputs_hash = hashlib.sha256()
+    for rel in paths:
+        split = split_of(rel, args.val_every)
+        with open(os.path.join(src_dir, rel), "rb") as f:
+            raw = f.read()
+        inputs_hash.update(rel.encode("utf-8") + b"\0" + hashlib.sha256(raw).digest())
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            counts[split]["files_skipped_not_utf8"] += 1
+            continue
+        texts[split].append(text)
+        counts[split].update(files=1, bytes=len(raw), chars=len(text), lines=text.count("\n"))  # lines as wc -l
+    os.makedirs(args.out_dir, exist_ok=True)
+    out = functools.partial(os.path.join, args.out_dir)
+    written = {}
+
+    # pretraining: every file, end-of-text after each so the model learns where files end
+    for split in SPLITS:
+        ids = [np.array(tok.encode(text) + [tok.eot_token], dtype=np.uint16) for text in texts[split]]
+        ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.uint16)
+        write_atomic(out(f"{split}.bin"), ids.tofile)
+        counts[split]["tokens"] = written[f"{split}.bin"] = len(ids)
+
+    # fine-tuning pairs; val keeps only prompts train never shows, so that val is truly held out
+    dropped = {split: Counter() for split in SPLITS}
+    sft = {}
+    for split in SPLITS:
+        pairs = [pair for text in texts[split] for pair in extract_functions(
+            text, tok, args.max_body_lines, args.max_tokens, dropped[split])]
+        sft[split] = dedupe(pairs, dropped[split])
+    train_prompts = {prompt for prompt, _ in sft["train"]}
+    dropped["val"]["prompt_in_train"] = sum(prompt in train_prompts for prompt, _ in sft["val"])
+    sft["val"] = [(prompt, response) for prompt, response in sft["val"] if prompt not in train_prompts]
+
+    kinds = {}
+    for split in SPLITS:
+        write_jsonl(out(f"sft_{split}.jsonl"), [{"prompt": p, "response": r} for p, r in sft[split]])
+        rows, kinds[split], dropped[split]["no_corruption_applies"] = preference_pairs(
+            sft[split], random.Random(f"{args.seed}:{split}"))
+        write_jsonl(out(f"pref_{split}.jsonl"), rows)
+        written[f"sft_{split}.jsonl"], written[f"pref_{split}.jsonl"] = len(sft[split]), len(rows)
+
+    # prompts for PPO (train) and for evaluation (val: never seen by any training stage), one row per prompt
+    ppo = list(dict.fromkeys(prompt for prompt, _ in sft["train"]))
+    evals = {}
+    for prompt, response in sft["val"]:
+        evals.setdefault(prompt, response)  # where a prompt repeats, its first response is the reference
+    write_jsonl(out("prompts_train.jsonl"), [{"prompt": p} for p in ppo])
+    write_jsonl(out("prompts_eval.jsonl"), [{"prompt": p, "reference": r} for p, r in evals.items()])
+    written["prompts_train.jsonl"], written["prompts_eval.jsonl"] = len(ppo), len(evals)
+
+    meta = {
+        "tokenizer": tok.name, "n_vocab": tok.n_vocab, "eot_token": tok.eot_token, "dtype": "uint16",
+        "python_version": sys.version, "stdlib": STDLIB, "src_dir": src_dir,
+        "split_rule": f"a file goes to val if int(sha256(relative_path).hexdigest(), 16) % {args.val_every} == 0",
+        "options": vars(args),
+        "counts": {split: dict(counts[split]) for split in SPLITS},
+        "examples": written,
+        "preference_kinds": kinds,
+        "dropped": {split: dict(sorted(dropped[split].items())) for split in SPLITS},
+        "inputs_sha256": inputs_hash.hexdigest(),
+    }
+    write_atomic(out("meta.json"), lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode("utf-8")))
+
+    print(f"read {len(paths)} .py files from {src_dir}")
+    for split in SPLITS:
+        c = counts[split]
+        print(f"{split:>5}: {c['files']} files ({c['files_skipped_not_utf8']} skipped, not UTF-8), "
+              f"{c['bytes'] / 1e6:.2f} MB, {c['lines']:,} lines, {c['tokens']:,} tokens")
+    print(f"wrote to {os.path.abspath(args.out_dir)}:")
+    for name, n in written.items():
+        print(f"  {name:<20} {n:>10,} {'tokens' if name.endswith('.bin') else 'rows'}")
+    for split in SPLITS:
+        print(f"  pref_{split} kinds: " + ", ".join(f"{k} {n}" for k, n in kinds[split].items()))
+        print(f"  {split} functions dropped: " + ", ".join(f"{k} {n}" for k, n in sorted(dropped[split].items())))
+    print(f"  meta.json  ({time.time() - t0:.1f}s)")
+    return meta
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Tests import the project's modules from the repository root and run on the CPU in float32."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def write_token_dataset(directory, text=None, tokenizer="byte"):
+    """A tiny dataset in prepare.py's layout (train.bin, val.bin, meta.json), made from a few lines of Python."""
+    import json
+    import numpy as np
+    from tokenizer import get_tokenizer
+    tok = get_tokenizer(tokenizer)
+    text = text or "def add(a, b):\n    return a + b\n\ndef neg(x):\n    return -x\n" * 200
+    os.makedirs(directory, exist_ok=True)
+    ids = tok.encode(text) + [tok.eot_token]
+    for split, part in (("train", ids), ("val", ids[: len(ids) // 4])):
+        np.array(part, dtype=np.uint16).tofile(os.path.join(directory, f"{split}.bin"))
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump({"tokenizer": tok.name, "n_vocab": tok.n_vocab, "eot_token": tok.eot_token}, f)
+    return str(directory)
+
+
+@pytest.fixture
+def token_dataset(tmp_path):
+    return write_token_dataset(tmp_path / "data")

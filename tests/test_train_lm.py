@@ -1,0 +1,132 @@
+"""train_lm.py end to end on a tiny dataset: exact resume, atomic checkpoints, clear errors, precision and
+compile paths, and 2-process DDP on the CPU (gloo)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_lm
+from common import UserError, load_checkpoint, read_jsonl_records, save_checkpoint
+from conftest import ROOT, write_token_dataset
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
+        "--log_interval=1", "--device=cpu", "--sample_at_end=False", "--peak_tflops=1.0", "--warmup_iters=2"]
+
+
+def run(token_dataset, out_dir, *extra):
+    return train_lm.main(TINY + [f"--dataset={token_dataset}", f"--out_dir={out_dir}", *extra])
+
+
+def train_losses(out_dir):
+    return {r["iter"]: r["train_loss"] for r in read_jsonl_records(os.path.join(out_dir, "metrics.jsonl"))
+            if "train_loss" in r}
+
+
+def test_training_lowers_the_loss_and_writes_checkpoint_metrics_and_plot(token_dataset, tmp_path):
+    out = tmp_path / "out"
+    result = run(token_dataset, out, "--max_iters=40", "--eval_interval=20", "--learning_rate=3e-3")
+    for name in ("ckpt.pt", "metrics.jsonl", "loss.png"):
+        assert (out / name).exists()
+    losses = train_losses(out)
+    assert losses[40] < losses[1] - 1.0
+    ckpt = load_checkpoint(str(out))
+    assert ckpt["iter_num"] == 40 and ckpt["tokenizer"] == "byte"
+    assert ckpt["config"]["max_iters"] == 40 and ckpt["val_loss"] == pytest.approx(result["val"])
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+
+
+def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(token_dataset, tmp_path):
+    common = ["--lr_decay_iters=12", "--eval_interval=3", "--dropout=0.1"]  # dropout: the RNG state matters
+    run(token_dataset, tmp_path / "straight", "--max_iters=12", *common)
+    run(token_dataset, tmp_path / "split", "--max_iters=6", *common)
+    run(token_dataset, tmp_path / "split", "--max_iters=12", "--init_from=resume", *common)
+    straight, split = train_losses(tmp_path / "straight"), train_losses(tmp_path / "split")
+    assert sorted(split) == list(range(1, 13))
+    assert [split[i] for i in range(1, 13)] == [straight[i] for i in range(1, 13)]
+    a, b = load_checkpoint(str(tmp_path / "straight")), load_checkpoint(str(tmp_path / "split"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_resume_with_another_model_shape_is_an_error(token_dataset, tmp_path):
+    run(token_dataset, tmp_path / "o", "--max_iters=2", "--eval_interval=2")
+    with pytest.raises(UserError, match="has n_embd=32 but the config asks for n_embd=48"):
+        run(token_dataset, tmp_path / "o", "--max_iters=4", "--init_from=resume", "--n_embd=48")
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, {"model_args": {}, "model": {"w": torch.ones(3)}, "tokenizer": "byte"})
+
+    def crash_midway(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # killed while writing
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))  # the old one, intact
+
+
+def test_corrupt_truncated_or_foreign_checkpoints_are_one_line_errors(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(str(path), {"model_args": {}, "model": {"w": torch.ones(100)}, "tokenizer": "byte"})
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(str(path))
+    torch.save({"weights": torch.ones(2)}, path)
+    with pytest.raises(UserError, match="not a checkpoint of this project"):
+        load_checkpoint(str(path))
+    with pytest.raises(UserError, match="no checkpoint at .*nowhere.*run train_lm"):
+        load_checkpoint(str(tmp_path / "nowhere"), hint="run train_lm.py")
+
+
+def test_missing_dataset_names_the_prepare_script(tmp_path):
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    with pytest.raises(UserError, match=r"meta.json not found; run `python .*prepare.py` first"):
+        run(str(empty), tmp_path / "o", "--max_iters=1")
+
+
+def test_a_checkpoint_of_another_tokenizer_is_rejected(tmp_path):
+    byte_data = write_token_dataset(tmp_path / "bytes")
+    gpt2_data = write_token_dataset(tmp_path / "bpe", tokenizer="gpt2")
+    run(byte_data, tmp_path / "o", "--max_iters=1", "--eval_interval=1")
+    with pytest.raises(UserError, match="uses the 'byte' tokenizer but .* was prepared with 'gpt2'"):
+        train_lm.main(TINY + [f"--dataset={gpt2_data}", f"--out_dir={tmp_path / 'o2'}", "--max_iters=1",
+                              f"--init_from={tmp_path / 'o'}"])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_path_runs_on_cpu(token_dataset, tmp_path, dtype):
+    result = run(token_dataset, tmp_path / dtype, "--max_iters=3", "--eval_interval=3", f"--dtype={dtype}")
+    assert torch.isfinite(torch.tensor(result["val"]))
+    ckpt = load_checkpoint(str(tmp_path / dtype))
+    assert ckpt["model"]["lm_head.weight"].dtype == torch.float32  # master weights stay float32
+    assert ("scale" in ckpt["scaler"]) == (dtype == "float16")  # only fp16 needs a loss scaler
+
+
+def test_compiled_training_saves_plain_parameter_names(token_dataset, tmp_path):
+    run(token_dataset, tmp_path / "c", "--max_iters=2", "--eval_interval=2", "--compile=True")
+    ckpt = load_checkpoint(str(tmp_path / "c"))
+    assert "transformer.wte.weight" in ckpt["model"]
+    assert not any("_orig_mod" in k for k in ckpt["model"])
+
+
+def test_two_process_ddp_on_cpu_matches_one_process_accumulating_the_same_batches(token_dataset, tmp_path):
+    args = TINY + [f"--dataset={token_dataset}", "--max_iters=4", "--eval_interval=4",
+                   "--gradient_accumulation_steps=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "train_lm.py"), *args, f"--out_dir={tmp_path / 'ddp'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    single = train_lm.main(args + [f"--out_dir={tmp_path / 'one'}"])
+    ddp = load_checkpoint(str(tmp_path / "ddp"))
+    assert ddp["val_loss"] == pytest.approx(single["val"], abs=1e-5)
+    one = load_checkpoint(str(tmp_path / "one"))
+    for k in one["model"]:
+        assert torch.allclose(ddp["model"][k], one["model"][k], atol=1e-5), k

@@ -1,0 +1,495 @@
+"""
+Stage 3 of the recipe: reinforcement learning from the reward model with PPO and a KL penalty.
+
+The policy (the SFT model) writes a response y to each prompt x; the reward model scores it; PPO nudges the
+policy towards higher scores while a per-token KL penalty keeps it close to the SFT model it started from, so
+that it cannot drift into text the reward model was never trained to judge:
+
+    reward at response token t:  r_t = -beta * (log pi(y_t|s_t) - log pi_ref(y_t|s_t))  [+ RM(x, y) at the last]
+    advantages (GAE):            delta_t = r_t + gamma V(s_{t+1}) - V(s_t),   A_t = delta_t + gamma lambda A_{t+1}
+    clipped objective:           L = -E[min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t)],  rho_t = pi/pi_old
+(Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"; Ouyang et al. 2022, InstructGPT;
+Schulman et al. 2017, PPO; Schulman et al. 2016, GAE.)
+
+One iteration, as the loop below reads: 1. rollout  2. score  3. per-token rewards  4. advantages  5. update.
+
+    python train_ppo.py config/ppo_small.py                      # after train_sft.py and train_rm.py
+    python train_ppo.py config/ppo_small.py --reward=gold        # optimise the real target instead of the RM
+Every key: python train_ppo.py --help
+"""
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from common import (Metrics, RunConfig, StopRequest, TokenBatches, UserError, complete, dataset_dir, format_duration,
+                    format_prompt, function_parses, gold_metrics, init_model, is_degenerate, load_checkpoint,
+                    load_config, model_from_checkpoint, pad_left, plot_curves, print_config, read_jsonl,
+                    read_jsonl_records, rng_state, save_checkpoint, seed_everything, set_rng_state, setup_runtime,
+                    text_field)
+from tokenizer import get_tokenizer
+
+
+@dataclass
+class Config(RunConfig):
+    out_dir: str = "out/ppo"  # where ckpt.pt, metrics.jsonl, ppo.png and report.md are written
+    init_from: str = "out/sft"  # the SFT out_dir the policy (and the frozen reference) start from; or 'resume'
+    reward_model: str = "out/rm"  # the train_rm.py out_dir whose model scores responses
+    reward: Literal["model", "gold"] = "model"  # 'gold': score 1 if the function parses (and is not empty), else 0
+    prompts_file: str = "data/pycode/prompts_train.jsonl"  # rollout prompts {"prompt": ...}
+    eval_prompts: str = "data/pycode/prompts_eval.jsonl"  # held-out prompts for the before/after evaluation
+    eval_max_prompts: int = 0  # evaluate on this many held-out prompts; 0 means all of them
+    template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
+    max_iters: int = 100  # PPO iterations (rollout + update)
+    eval_interval: int = 25  # evaluate and save a checkpoint every this many iterations
+    log_interval: int = 1  # print a line every this many iterations
+    # rollout
+    batch_size: int = 32  # prompts per rollout
+    max_new_tokens: int = 96  # response length limit; prompts longer than the context minus this are dropped
+    temperature: float = 1.0  # sampling temperature of rollouts; log-probs use the same one
+    # reward
+    score_norm: bool = True  # standardise RM scores with the mean/std train_rm.py saved
+    score_clip: float = 5.0  # clip (normalised) scores to +-this; 0 turns it off
+    missing_eot_penalty: float = -1.0  # added to the score of a response that never emits end-of-text
+    kl_coef: float = 0.05  # beta, the weight of the per-token KL penalty
+    adaptive_kl: bool = False  # adapt beta towards target_kl (Ziegler et al. 2019)
+    target_kl: float = 3.0  # nats per response, the adaptive controller's target
+    kl_horizon: int = 10000  # the adaptive controller's horizon in samples
+    # advantages
+    gamma: float = 1.0  # discount; 1 is usual for short responses with one final reward
+    lam: float = 0.95  # GAE lambda: lower trades variance for bias
+    # update
+    critic: Literal["shared", "separate"] = "shared"  # value head on the policy's backbone, or a model from the RM
+    ppo_epochs: int = 4  # passes over each rollout
+    minibatch_size: int = 16  # rollouts per gradient step
+    learning_rate: float = 1e-4  # Adam step size for policy and critic
+    weight_decay: float = 0.0  # AdamW decay on matrices
+    clip_range: float = 0.2  # epsilon of the clipped policy objective
+    clip_range_value: float = 0.2  # the value function's clip around its old predictions
+    vf_coef: float = 0.5  # weight of the value loss
+    entropy_coef: float = 0.0  # weight of the entropy bonus
+    ptx_coef: float = 0.0  # weight of a pretraining (PTX) loss mixed in, as InstructGPT's PPO-ptx
+    ptx_dataset: str = "pycode"  # data/ folder the PTX batches come from
+    ptx_batch_size: int = 8  # sequences per PTX batch
+    max_grad_norm: float = 1.0  # clip the gradient norm
+    early_stop_kl: float = 0.0  # stop an iteration's epochs when approx-KL to pi_old exceeds this; 0 is off
+    eval_samples_shown: int = 3  # sample completions before and after written to the report
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the math of one PPO iteration, as small functions the tests call
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """Zero mean, unit variance over the real (mask == 1) positions only; padding stays out of the statistics."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, beta):
+    """r_t = -beta * (log pi(y_t) - log pi_ref(y_t)) at every response token, plus the score at the last one.
+
+    log pi - log pi_ref, averaged over samples from pi, estimates KL(pi || pi_ref); as a per-token penalty it
+    charges the policy for every token it makes more likely than the reference would."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -beta * kl
+    last = (mask.sum(dim=1) - 1).long().clamp(min=0)  # responses are right-padded: the last real token
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, kl
+
+
+def gae_advantages(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation, backwards over response tokens:
+        delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),   A_t = delta_t + gamma * lambda * A_{t+1}
+    V after the last real token is 0 (the episode ends there). Returns (advantages, returns = A + V)."""
+    values = values * mask
+    rewards = rewards * mask
+    T = rewards.size(1)
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = next_advantage
+    advantages = advantages * mask
+    return advantages, advantages + values
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
+    """The clipped surrogate: -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = pi/pi_old. Clipping removes the
+    incentive to move rho outside [1-eps, 1+eps], so one rollout cannot push the policy too far."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean(((ratio - 1.0).abs() > clip_range).float(), mask)
+        approx_kl = masked_mean((ratio - 1.0) - (logprobs - old_logprobs), mask)  # >= 0, low variance (Schulman)
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(values, old_values, returns, mask, clip_range_value):
+    """0.5 * max((V - R)^2, (V_clipped - R)^2): like the policy, the critic may move only so far per rollout."""
+    clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: beta <- beta * (1 + K * e), e = clip(KL / target - 1, -0.2, 0.2), K = n / horizon.
+    Too much KL raises beta, too little lowers it, so the KL settles near the target."""
+
+    def __init__(self, beta, target, horizon):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl, n_samples):
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.beta *= 1.0 + error * n_samples / self.horizon
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the models' side of each step
+
+def response_logprobs(model, seqs, attn, prompt_len, temperature, with_values=False, with_entropy=False):
+    """log pi(y_t | s_t) for each response token (B, R), from one forward pass over prompt + response; the value
+    head, when asked, reads the same hidden states: V(s_t) is the value before token t is chosen."""
+    hidden = model.hidden_states(seqs, attn)[:, prompt_len - 1:-1]  # the states that predict response tokens
+    logits = model.lm_head(hidden).float() / temperature  # the sampling distribution's temperature, always
+    logp_all = F.log_softmax(logits, dim=-1)
+    logprobs = logp_all.gather(-1, seqs[:, prompt_len:, None]).squeeze(-1)
+    values = model.scalar(hidden).float() if with_values else None
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logprobs, values, entropy
+
+
+def last_token_scores(reward_model, seqs, attn):
+    """The reward model's score, read at the last real token of prompt + response (as train_rm.py trains it)."""
+    hidden = reward_model.hidden_states(seqs, attn)
+    last = attn.size(1) - 1 - attn.flip(1).float().argmax(dim=1)  # right-most position with attn == 1
+    return reward_model.scalar(hidden)[torch.arange(len(seqs)), last].float()
+
+
+def response_mask(responses, eot_token):
+    """1 on response tokens up to and including the first end-of-text, 0 after it."""
+    is_eot = (responses == eot_token).long()
+    after_eot = (is_eot.cumsum(dim=1) - is_eot) > 0
+    return (~after_eot).float()
+
+
+def gold_scores(tok, prompts_text, responses, mask):
+    """The task's programmatic measure as a reward: 1 if prompt + completion parses and is not empty/pass."""
+    scores = []
+    for prompt, row, m in zip(prompts_text, responses.tolist(), mask.tolist()):
+        text = tok.decode([t for t, keep in zip(row, m) if keep and t != tok.eot_token])
+        scores.append(float(function_parses(prompt, text) and not is_degenerate(text)))
+    return torch.tensor(scores)
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+def load_prompts(path, tok, template, max_len):
+    """Prompt texts and token ids; prompts that leave no room for max_new_tokens are dropped and counted."""
+    texts, ids, dropped = [], [], 0
+    for n, obj in read_jsonl(path):
+        text = format_prompt(text_field(obj, "prompt", f"{path}:{n}"), template)
+        encoded = tok.encode(text)
+        if len(encoded) > max_len:
+            dropped += 1
+            continue
+        texts.append(text)
+        ids.append(encoded)
+    if not texts:
+        raise UserError(f"{path}: every prompt is longer than {max_len} tokens; lower max_new_tokens")
+    return texts, ids, dropped
+
+
+@torch.no_grad()
+def evaluate(policy, ref, reward_model, tok, prompts, cfg, rt, rm_stats):
+    """Greedy completions of the held-out prompts -> RM score and gold; sampled completions -> KL to the reference,
+    summed over each response's tokens (nats per response)."""
+    policy.eval()
+    completions, rows = complete(policy, tok, prompts, cfg.max_new_tokens, device=rt.device, autocast=rt.autocast)
+    result = gold_metrics(prompts, completions)
+    if reward_model is not None:
+        seqs, attn, _ = batch_rows(rows, tok.eot_token, rt.device)
+        scores = torch.cat([last_token_scores(reward_model, s, a) for s, a in zip(seqs.split(64), attn.split(64))])
+        result["rm_score"] = scores.mean().item()
+        result["rm_score_norm"] = ((scores - rm_stats[0]) / rm_stats[1]).mean().item()
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+    _, sampled = complete(policy, tok, prompts, cfg.max_new_tokens, device=rt.device, autocast=rt.autocast,
+                          greedy=False, temperature=1.0, generator=generator)
+    kls = []
+    for i in range(0, len(sampled), 64):
+        seqs, attn, P = batch_rows(sampled[i:i + 64], tok.eot_token, rt.device)
+        mask = attn[:, P:].float()
+        logp, _, _ = response_logprobs(policy, seqs, attn, P, 1.0)
+        ref_logp, _, _ = response_logprobs(ref, seqs, attn, P, 1.0)
+        kls.append(((logp - ref_logp) * mask).sum(dim=1))
+    result["kl"] = torch.cat(kls).mean().item()
+    result["mean_length"] = sum(len(r[1]) for r in rows) / len(rows)
+    policy.train()
+    return result, completions
+
+
+def batch_rows(rows, pad_id, device):
+    """[(prompt ids, response ids)] -> left-padded prompts + right-padded responses, attention mask, prompt width."""
+    prompts, prompt_mask = pad_left([p for p, _ in rows], pad_id)
+    R = max(len(r) for _, r in rows)
+    responses = torch.full((len(rows), R), pad_id, dtype=torch.long)
+    resp_mask = torch.zeros((len(rows), R), dtype=torch.long)
+    for i, (_, r) in enumerate(rows):
+        responses[i, :len(r)] = torch.tensor(r)
+        resp_mask[i, :len(r)] = 1
+    seqs = torch.cat([prompts, responses], dim=1).to(device)
+    attn = torch.cat([prompt_mask, resp_mask], dim=1).to(device)
+    return seqs, attn, prompts.size(1)
+
+
+def main(argv=None):
+    cfg = load_config(Config, argv)
+    rt = setup_runtime(cfg)
+    if rt.ddp:
+        raise UserError("train_ppo.py runs in one process; start it with python, not torchrun")
+    print_config(cfg)
+    seed_everything(cfg.seed)
+
+    # ---- the four models: policy (trained), critic (trained), reference (frozen SFT), reward model (frozen)
+    resuming = cfg.init_from == "resume"
+    sft_source = cfg.init_from
+    ckpt = None
+    if resuming:
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), hint="start a run with init_from=<SFT out_dir>")
+        sft_source = ckpt["config"]["init_from"]
+    hint = "make it with `python train_sft.py config/sft_small.py`"
+    sft_ckpt = load_checkpoint(sft_source, hint=hint)
+    tok = get_tokenizer(sft_ckpt["tokenizer"])
+    shared = cfg.critic == "shared"
+    policy = model_from_checkpoint(sft_ckpt, sft_source, dropout=0.0, scalar_head=shared)
+    ref = model_from_checkpoint(sft_ckpt, sft_source, dropout=0.0, scalar_head=False).eval().requires_grad_(False)
+    reward_model, rm_stats, critic = None, (0.0, 1.0), None
+    if cfg.reward == "model" or not shared:
+        rm_ckpt = load_checkpoint(cfg.reward_model, hint="make it with `python train_rm.py config/rm_small.py`")
+        if rm_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
+            raise UserError(f"the reward model uses the {rm_ckpt['tokenizer']!r} tokenizer but the policy uses "
+                            f"{sft_ckpt['tokenizer']!r}; train both from the same pretraining run")
+        rm_stats = (rm_ckpt.get("reward_mean", 0.0), max(rm_ckpt.get("reward_std", 1.0), 1e-6))
+        if cfg.reward == "model":
+            reward_model = model_from_checkpoint(rm_ckpt, cfg.reward_model, dropout=0.0).eval().requires_grad_(False)
+        if not shared:  # the critic starts as the reward model: it already knows what a good response looks like
+            critic = model_from_checkpoint(rm_ckpt, cfg.reward_model, dropout=0.0)
+    if ckpt is not None:
+        policy.load_state_dict(ckpt["model"])
+        if critic is not None and ckpt.get("critic") is not None:
+            critic.load_state_dict(ckpt["critic"])
+    for m in (policy, ref, reward_model, critic):
+        if m is not None:
+            m.to(rt.device)
+    trained = [policy] + ([critic] if critic is not None else [])
+    params = [p for m in trained for p in m.parameters()]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=cfg.learning_rate, betas=(0.9, 0.95))
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+    start_iter = 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        kl_ctl.beta, start_iter = ckpt["kl_coef"], ckpt["iter_num"]
+        set_rng_state(ckpt["rng"])
+        print(f"resuming from {cfg.out_dir}/ckpt.pt at iteration {start_iter}")
+    ptx_data = None
+    if cfg.ptx_coef > 0:
+        ptx_data = TokenBatches(dataset_dir(cfg.ptx_dataset), "train", policy.config.block_size - 1,
+                                cfg.ptx_batch_size, rt.device)
+
+    # ---- prompts
+    max_prompt = policy.config.block_size - cfg.max_new_tokens
+    prompts, prompt_ids, dropped = load_prompts(cfg.prompts_file, tok, cfg.template, max_prompt)
+    eval_texts, _, eval_dropped = load_prompts(cfg.eval_prompts, tok, cfg.template, max_prompt)
+    if cfg.eval_max_prompts:
+        eval_texts = eval_texts[:cfg.eval_max_prompts]
+    print(f"{len(prompts)} rollout prompts ({dropped} longer than {max_prompt} tokens dropped), "
+          f"{len(eval_texts)} evaluation prompts ({eval_dropped} dropped); policy {policy.get_num_params() / 1e6:.2f}M "
+          f"parameters, critic {cfg.critic}, reward {cfg.reward}")
+
+    metrics = Metrics(cfg.out_dir, resume_iter=start_iter if ckpt else None)
+    before = ckpt["before"] if ckpt else None
+    generator = torch.Generator(device=rt.device)
+    cpu_generator = torch.Generator()
+    last_eval, after_completions = None, []
+    t_start = time.time()
+
+    def save(iter_num):
+        save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
+            "stage": "ppo", "model_args": asdict(policy.config), "model": policy.state_dict(),
+            "critic": critic.state_dict() if critic is not None else None, "optimizer": optimizer.state_dict(),
+            "iter_num": iter_num, "kl_coef": kl_ctl.beta, "config": asdict(cfg), "rng": rng_state(),
+            "tokenizer": tok.name, "before": before, "template": cfg.template})
+
+    with StopRequest() as stop:
+        for it in range(start_iter, cfg.max_iters + 1):
+            # ---- evaluate: before any update, every eval_interval, at the end
+            at_end = it == cfg.max_iters or stop.requested
+            if (it % cfg.eval_interval == 0 or at_end) and not (ckpt and it == start_iter):
+                last_eval, completions = evaluate(policy, ref, reward_model, tok, eval_texts, cfg, rt, rm_stats)
+                if before is None:
+                    before = {"metrics": last_eval, "completions": completions[:cfg.eval_samples_shown]}
+                print(f"eval @ {it}: parses {last_eval['parses']:.3f}, degenerate {last_eval['degenerate']:.3f}, "
+                      f"RM score {last_eval.get('rm_score', float('nan')):.3f}, KL to SFT {last_eval['kl']:.3f} nats")
+                metrics.log(iter=it, **{f"eval_{k}": v for k, v in last_eval.items()})
+                save(it)
+                after_completions = completions
+            if at_end:
+                break
+
+            t0 = time.time()
+            # ---- 1. rollout: sample responses with plain temperature sampling (no top-k/top-p), so that the
+            # log-probs computed below are those of the distribution the tokens were drawn from
+            cpu_generator.manual_seed(cfg.seed * 100_003 + it)  # rollouts are a pure function of (seed, iteration)
+            generator.manual_seed(cfg.seed * 100_003 + it)
+            pick = torch.randint(len(prompts), (cfg.batch_size,), generator=cpu_generator).tolist()
+            prompt_batch, prompt_mask = pad_left([prompt_ids[i] for i in pick], tok.eot_token)
+            prompt_batch, prompt_mask = prompt_batch.to(rt.device), prompt_mask.to(rt.device)
+            policy.eval()
+            with torch.no_grad(), rt.autocast:
+                seqs = policy.generate(prompt_batch, cfg.max_new_tokens, attention_mask=prompt_mask,
+                                       temperature=cfg.temperature, eot_token=tok.eot_token, generator=generator)
+            P = prompt_batch.size(1)
+            responses = seqs[:, P:]
+            mask = response_mask(responses, tok.eot_token)
+            attn = torch.cat([prompt_mask, mask.long()], dim=1)
+            has_eot = (responses == tok.eot_token).any(dim=1)
+            t1 = time.time()
+
+            # ---- 2. score each response, and the log-probs/values the update needs (no gradients)
+            with torch.no_grad(), rt.autocast:
+                logprobs, values, _ = response_logprobs(policy, seqs, attn, P, cfg.temperature, with_values=shared)
+                if critic is not None:
+                    values = response_logprobs(critic, seqs, attn, P, cfg.temperature, with_values=True)[1]
+                ref_logprobs, _, _ = response_logprobs(ref, seqs, attn, P, cfg.temperature)
+                if cfg.reward == "gold":
+                    scores = gold_scores(tok, [prompts[i] for i in pick], responses, mask).to(rt.device)
+                else:
+                    raw = last_token_scores(reward_model, seqs, attn)
+                    scores = (raw - rm_stats[0]) / rm_stats[1] if cfg.score_norm else raw
+                if cfg.score_clip > 0:
+                    scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+                scores = scores + cfg.missing_eot_penalty * (~has_eot).float()
+
+                # ---- 3. per-token rewards: the KL penalty everywhere, the score at the last token
+                rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_ctl.beta)
+                # ---- 4. advantages by GAE; returns are the critic's targets; advantages whitened over the batch
+                advantages, returns = gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
+                advantages = masked_whiten(advantages, mask)
+            t2 = time.time()
+
+            # ---- 5. update: several epochs of clipped-objective steps on shuffled minibatches of this rollout
+            policy.train()
+            stats = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": [], "entropy": [], "ptx": []}
+            for epoch in range(cfg.ppo_epochs):
+                order = torch.randperm(cfg.batch_size, generator=cpu_generator).to(rt.device)
+                epoch_kl = []
+                for mb in order.split(cfg.minibatch_size):
+                    with rt.autocast:
+                        new_logprobs, new_values, entropy = response_logprobs(
+                            policy, seqs[mb], attn[mb], P, cfg.temperature, with_values=shared,
+                            with_entropy=cfg.entropy_coef > 0)
+                        if critic is not None:
+                            new_values = response_logprobs(critic, seqs[mb], attn[mb], P, cfg.temperature,
+                                                           with_values=True)[1]
+                    pg_loss, clipfrac, approx_kl = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mask[mb],
+                                                               cfg.clip_range)
+                    vf_loss = value_loss(new_values, values[mb], returns[mb], mask[mb], cfg.clip_range_value)
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    if entropy is not None:  # a bonus for keeping the distribution spread out: exploration
+                        ent = masked_mean(entropy, mask[mb])
+                        loss = loss - cfg.entropy_coef * ent
+                        stats["entropy"].append(ent.item())
+                    if ptx_data is not None:  # keep the pretraining objective alive (InstructGPT's PPO-ptx)
+                        x, y = ptx_data.get(cpu_generator)
+                        with rt.autocast:
+                            _, ptx_loss = policy(x, y)
+                        loss = loss + cfg.ptx_coef * ptx_loss
+                        stats["ptx"].append(ptx_loss.item())
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    stats["policy_loss"].append(pg_loss.item())
+                    stats["value_loss"].append(vf_loss.item())
+                    stats["clipfrac"].append(clipfrac.item())
+                    stats["approx_kl"].append(approx_kl.item())
+                    epoch_kl.append(approx_kl.item())
+                if cfg.early_stop_kl > 0 and sum(epoch_kl) / len(epoch_kl) > cfg.early_stop_kl:
+                    break  # the policy already moved far from the one that collected the rollout
+            t3 = time.time()
+
+            # ---- bookkeeping: the adaptive controller sees the KL of this rollout, per response
+            kl_per_response = kl.sum(dim=1).mean().item()
+            if cfg.adaptive_kl:
+                kl_ctl.update(kl_per_response, cfg.batch_size)
+            explained_var = 1 - masked_mean((returns - values) ** 2, mask) / masked_mean(
+                (returns - masked_mean(returns, mask)) ** 2, mask).clamp(min=1e-8)
+            if not stats["entropy"]:  # no entropy bonus: estimate it from the sampled tokens' log-probs, for free
+                stats["entropy"].append(-masked_mean(logprobs, mask).item())
+            row = {"iter": it + 1, "score": scores.mean().item(), "kl": kl_per_response, "beta": kl_ctl.beta,
+                   **{k: sum(v) / len(v) for k, v in stats.items() if v},
+                   "explained_variance": explained_var.item(), "response_length": mask.sum(1).mean().item(),
+                   "no_eot_share": (~has_eot).float().mean().item(), "rollout_s": t1 - t0, "score_s": t2 - t1,
+                   "update_s": t3 - t2}
+            metrics.log(**row)
+            if (it + 1) % cfg.log_interval == 0:
+                eta = (time.time() - t_start) / (it + 1 - start_iter) * (cfg.max_iters - it - 1)
+                print(f"iter {it + 1}/{cfg.max_iters}: score {row['score']:+.3f}, KL {row['kl']:.3f}, beta {row['beta']:.3f}, "
+                      f"entropy {row['entropy']:.2f}, pg {row['policy_loss']:+.4f}, vf {row['value_loss']:.4f}, "
+                      f"clip {row['clipfrac']:.3f}, akl {row['approx_kl']:.4f}, ev {row['explained_variance']:+.2f}, "
+                      f"len {row['response_length']:.1f}, no-eot {row['no_eot_share']:.2f} | rollout {t1 - t0:.2f}s "
+                      f"score {t2 - t1:.2f}s update {t3 - t2:.2f}s | eta {format_duration(eta)}", flush=True)
+
+    # ---- the report: before/after table, curves, samples
+    table = write_report(cfg, before, last_eval, after_completions, eval_texts)
+    print(table)
+    print(f"done in {format_duration(time.time() - t_start)}; wrote {cfg.out_dir}/ckpt.pt, metrics.jsonl, ppo.png, "
+          f"report.md")
+    return {"before": before["metrics"], "after": last_eval}
+
+
+def write_report(cfg, before, after, after_completions, eval_texts):
+    rows = [("RM score mean", "rm_score"), ("gold: parses", "parses"), ("degenerate", "degenerate"),
+            ("KL to SFT (nats/response)", "kl"), ("mean response tokens", "mean_length")]
+    b = before["metrics"]
+    lines = [f"{'':28}{'SFT (before)':>14}{'PPO (after)':>14}"]
+    for label, key in rows:
+        if key in b:
+            lines.append(f"{label:28}{b[key]:>14.3f}{after[key]:>14.3f}")
+    table = "\n".join(lines)
+    records = read_jsonl_records(os.path.join(cfg.out_dir, "metrics.jsonl"))
+    train = [r for r in records if "score" in r]
+    evals = [r for r in records if "eval_parses" in r]
+    series = lambda rs, key: ([r["iter"] for r in rs], [r[key] for r in rs])
+    panels = {"rollout score": {"score": series(train, "score")},
+              "KL to SFT (nats/response)": {"rollout": series(train, "kl"), "eval": series(evals, "eval_kl")},
+              "gold (held-out prompts)": {"parses": series(evals, "eval_parses"),
+                                          "degenerate": series(evals, "eval_degenerate")}}
+    plot_curves(os.path.join(cfg.out_dir, "ppo.png"), panels, f"PPO ({cfg.reward} reward): {cfg.out_dir}")
+    samples = []
+    for i, (prompt, b_c) in enumerate(zip(eval_texts, before["completions"])):
+        samples.append(f"### prompt {i + 1}\n```python\n{prompt}```\nSFT (before):\n```python\n{b_c}\n```\n"
+                       f"PPO (after):\n```python\n{after_completions[i]}\n```\n")
+    with open(os.path.join(cfg.out_dir, "report.md"), "w") as f:
+        f.write(f"# PPO: {cfg.out_dir}\n\nreward: {cfg.reward}; {len(eval_texts)} held-out prompts, greedy completions "
+                f"(KL from sampled ones)\n\n```\n{table}\n```\n\n![curves](ppo.png)\n\n## Samples\n\n" + "\n".join(samples))
+    with open(os.path.join(cfg.out_dir, "before_after.json"), "w") as f:
+        json.dump({"before": b, "after": after}, f, indent=1)
+    return table
+
+
+if __name__ == "__main__":
+    main()
