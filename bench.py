@@ -4,11 +4,15 @@ Benchmark: how fast this machine trains and samples a given model, measured, not
     python bench.py config/lm_small.py                 # the small pretraining config
     python bench.py --n_layer=6 --n_head=6 --n_embd=384 --vocab_size=50304 --batch_size=12   # nanoGPT's sizes
     python bench.py --what=sample --vocab_size=50257 --sample_batch=16 --prompt_len=32 --new_tokens=128
+    python bench.py --what=ppo --n_layer=6 --n_head=6 --n_embd=384 --vocab_size=50257 --sample_batch=16 \
+        --prompt_len=32 --new_tokens=48 --ppo_epochs=4      # trl's PPO benchmark sizes (../shared/bench)
 
 Prints
 - this device's float32 matmul throughput (the peak MFU is measured against),
 - training tokens/s, ms per step and MFU of train_lm.py's own loop (it runs train_lm.main on random tokens),
-- sampling tokens/s of GPT.generate with and without the KV cache, and the speed-up.
+- sampling tokens/s of GPT.generate with and without the KV cache, and the speed-up;
+- with --what=ppo, seconds per train_ppo.py iteration and its rollout / score / update split, on random-init
+  policy, reference and reward models of the given size (every response runs to new_tokens).
 Training and sampling keys that config files for train_lm.py set are accepted and the others ignored, so
 the same config file works here.
 """
@@ -24,13 +28,13 @@ import numpy as np
 import torch
 
 import train_lm
-from common import RunConfig, load_config, measure_matmul_flops, read_jsonl_records, setup_runtime
+from common import load_config, measure_matmul_flops, read_jsonl_records, setup_runtime
 from model import GPT, GPTConfig
 
 
 @dataclass
 class Config(train_lm.Config):
-    what: Literal["all", "train", "sample"] = "all"  # which measurements to take
+    what: Literal["all", "train", "sample", "ppo"] = "all"  # which measurements to take ('all': train and sample)
     vocab_size: int = 257  # random tokens from this vocabulary (257: byte tokenizer; 50304/50257: GPT-2)
     train_iters: int = 30  # timed training steps (after warmup_steps)
     warmup_steps: int = 5  # untimed steps first: allocation, compilation
@@ -38,6 +42,8 @@ class Config(train_lm.Config):
     prompt_len: int = 32  # prompt tokens
     new_tokens: int = 128  # tokens generated per sequence
     sample_repeats: int = 3  # generate calls timed; the median is reported
+    ppo_epochs: int = 1  # PPO epochs per iteration (--what=ppo); minibatch = the whole batch of sample_batch
+    ppo_iters: int = 5  # timed PPO iterations, after one untimed
 
 
 def bench_training(cfg, peak):
@@ -80,14 +86,50 @@ def bench_sampling(cfg, device, use_cache):
     return statistics.median(rates)
 
 
+def bench_ppo(cfg):
+    """train_ppo.py's own loop on random-init models: seconds per iteration and where they go."""
+    import train_ppo
+    from common import save_checkpoint
+    from tokenizer import get_tokenizer
+    tokenizer = "byte" if cfg.vocab_size <= 257 else "gpt2"
+    tok = get_tokenizer(tokenizer)
+    g = torch.Generator().manual_seed(0)
+    # prompts of exactly prompt_len tokens that survive decode -> encode: words that are one token each
+    words = [t for t in range(tok.n_vocab - 1) if tok.decode([t]).startswith(" ") and tok.decode([t])[1:].isalpha()]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, head in (("sft", False), ("rm", True)):
+            model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
+                                  block_size=cfg.block_size, scalar_head=head))
+            save_checkpoint(os.path.join(tmp, name, "ckpt.pt"), {"model_args": vars(model.config),
+                                                                  "model": model.state_dict(), "tokenizer": tokenizer})
+        with open(os.path.join(tmp, "prompts.jsonl"), "w") as f:
+            for _ in range(4 * cfg.sample_batch):
+                ids = [words[i] for i in torch.randint(len(words), (cfg.prompt_len,), generator=g).tolist()]
+                f.write(json.dumps({"prompt": tok.decode(ids)}) + "\n")
+        out = os.path.join(tmp, "ppo")
+        train_ppo.main([f"--init_from={os.path.join(tmp, 'sft')}", f"--reward_model={os.path.join(tmp, 'rm')}",
+                        f"--prompts_file={os.path.join(tmp, 'prompts.jsonl')}",
+                        f"--eval_prompts={os.path.join(tmp, 'prompts.jsonl')}", "--eval_max_prompts=4",
+                        f"--out_dir={out}", f"--max_iters={cfg.ppo_iters + 1}", "--eval_interval=1000",
+                        f"--batch_size={cfg.sample_batch}", f"--minibatch_size={cfg.sample_batch}",
+                        f"--max_new_tokens={cfg.new_tokens}", f"--ppo_epochs={cfg.ppo_epochs}",
+                        f"--device={cfg.device}", f"--dtype={cfg.dtype}"])
+        rows = [r for r in read_jsonl_records(os.path.join(out, "metrics.jsonl")) if "rollout_s" in r][1:]
+    split = {k: statistics.median(r[k] for r in rows) for k in ("rollout_s", "score_s", "update_s")}
+    total = statistics.median(r["rollout_s"] + r["score_s"] + r["update_s"] for r in rows)
+    return total, split, statistics.median(r["response_length"] for r in rows)
+
+
 def main(argv=None):
     cfg = load_config(Config, argv)
     rt = setup_runtime(cfg)
     print(f"torch {torch.__version__}, {rt.device}, {torch.get_num_threads()} threads, {rt.dtype}, "
           f"model {cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.n_head} heads, vocab {cfg.vocab_size}")
-    peak = measure_matmul_flops(rt.device, n=2048, reps=10)
-    print(f"float32 matmul (2048^3): {peak / 1e9:,.0f} GFLOP/s")
-    results = {"matmul_gflops": peak / 1e9}
+    results = {}
+    if cfg.what in ("all", "train"):
+        peak = measure_matmul_flops(rt.device, n=2048, reps=10)
+        print(f"float32 matmul (2048^3): {peak / 1e9:,.0f} GFLOP/s")
+        results["matmul_gflops"] = peak / 1e9
     if cfg.what in ("all", "train"):
         ms = bench_training(cfg, peak)
         tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
@@ -104,6 +146,13 @@ def main(argv=None):
         results.update(sample_tokens_per_s_cached=cached, sample_tokens_per_s_uncached=uncached)
         print(f"sampling (batch {cfg.sample_batch}, prompt {cfg.prompt_len}, {cfg.new_tokens} new): "
               f"{cached:,.1f} tokens/s with the KV cache, {uncached:,.1f} without: {cached / uncached:.1f}x")
+    if cfg.what == "ppo":
+        total, split, length = bench_ppo(cfg)
+        results.update(ppo_s_per_iter=total, **{f"ppo_{k}": v for k, v in split.items()})
+        print(f"PPO ({cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}, batch {cfg.sample_batch}, prompts of "
+              f"{cfg.prompt_len} tokens, responses of {length:.0f}, {cfg.ppo_epochs} epoch(s)): {total:.2f} s/iteration "
+              f"(median of {cfg.ppo_iters}): rollout {split['rollout_s']:.2f} s, score {split['score_s']:.2f} s, "
+              f"update {split['update_s']:.2f} s")
     return results
 
 

@@ -393,16 +393,25 @@ def init_model(init_from, out_dir, model_args, tokenizer_name, stage_hint):
 # token data: nanoGPT's flat uint16 arrays
 
 def dataset_dir(dataset):
-    """A dataset name is a folder under data/ of this repository; a path to a folder works too."""
+    """A dataset name is a folder under data/ of this repository ('pycode', 'pycode/gpt2'); a path works too."""
     if os.path.isdir(dataset) and os.path.sep in os.path.normpath(dataset):
         return dataset
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
 
 
+def prepare_hint(data_dir):
+    """The command that makes a dataset folder: its own prepare.py, or its parent's with that tokenizer."""
+    if os.path.exists(os.path.join(data_dir, "prepare.py")) or not os.path.exists(
+            os.path.join(os.path.dirname(data_dir), "prepare.py")):
+        return f"run `python {os.path.relpath(os.path.join(data_dir, 'prepare.py'))}` first"
+    parent = os.path.relpath(os.path.join(os.path.dirname(data_dir), "prepare.py"))
+    return f"run `python {parent} --tokenizer={os.path.basename(data_dir)}` first"
+
+
 def read_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
-        raise UserError(f"{path} not found; run `python {os.path.join(data_dir, 'prepare.py')}` first")
+        raise UserError(f"{path} not found; {prepare_hint(data_dir)}")
     with open(path) as f:
         return json.load(f)
 
@@ -414,7 +423,7 @@ class TokenBatches:
     def __init__(self, data_dir, split, block_size, batch_size, device):
         self.path = os.path.join(data_dir, f"{split}.bin")
         if not os.path.exists(self.path):
-            raise UserError(f"{self.path} not found; run `python {os.path.join(data_dir, 'prepare.py')}` first")
+            raise UserError(f"{self.path} not found; {prepare_hint(data_dir)}")
         self.n_tokens = os.path.getsize(self.path) // 2
         if self.n_tokens <= block_size + 1:
             raise UserError(f"{self.path} has {self.n_tokens} tokens, fewer than one block of {block_size + 1}")

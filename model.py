@@ -409,10 +409,11 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, greedy=Fa
     if top_p is not None and top_p < 1.0:
         logits = top_p_filter(logits, top_p)
     logp = F.log_softmax(logits, dim=-1)
-    # the exponential race (a form of the Gumbel-max trick): argmax_i p_i / E_i with E_i ~ Exp(1) is a draw from
-    # p. It is exact, and at a 50k vocabulary much faster on a CPU than torch.multinomial.
-    noise = torch.empty_like(logp).exponential_(generator=generator)
-    token = (logp - noise.log()).argmax(dim=-1)
+    # inverse-transform sampling: one uniform number per row, located in the cumulative distribution. It is exact,
+    # and at a 50k vocabulary much cheaper on a CPU than torch.multinomial or one random number per token
+    cdf = logp.exp().cumsum(dim=-1)
+    u = torch.rand(logp.size(0), 1, device=logp.device, generator=generator) * cdf[:, -1:]
+    token = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=logp.size(-1) - 1)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 

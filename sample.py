@@ -5,13 +5,15 @@ Sample from a trained model: any stage's out_dir, or GPT-2 weights.
     python sample.py --out_dir=out/sft_small --start=FILE:prompt.txt --greedy=True
     python sample.py --init_from=gpt2 --start="The meaning of life is" --top_p=0.9
     python sample.py --out_dir=out/sft_small --num_beams=4 --max_new_tokens=60
+    python sample.py --out_dir=out/sft --chat=True     # type a prompt, read the response; empty line ends
 Every key: python sample.py --help
 """
 from dataclasses import dataclass
 
 import torch
 
-from common import RunConfig, UserError, init_model, load_config, print_config, setup_runtime
+from common import (RunConfig, UserError, format_prompt, init_model, load_checkpoint, load_config, print_config,
+                    setup_runtime)
 from tokenizer import get_tokenizer
 
 
@@ -29,6 +31,7 @@ class Config(RunConfig):
     num_beams: int = 1  # beam search with this many beams (deterministic); 1 is off
     crop_prompt: bool = False  # keep only the end of a prompt longer than the context instead of stopping
     stop_at_eot: bool = True  # end a sample at the end-of-text token
+    chat: bool = False  # a loop: each typed line is a prompt (in the checkpoint's template); prints the response
 
 
 def main(argv=None):
@@ -41,6 +44,8 @@ def main(argv=None):
                                           stage_hint="train one first, e.g. `python train_lm.py config/lm_small.py`")
     model.eval().to(rt.device)
     tok = get_tokenizer(tokenizer_name)
+    if cfg.chat:
+        return chat(model, tok, checkpoint_template(cfg), cfg, rt)
 
     start = cfg.start
     if start.startswith("FILE:"):
@@ -71,6 +76,49 @@ def main(argv=None):
         if cfg.greedy or cfg.num_beams > 1:
             break  # deterministic: more samples would repeat this one
     return outputs
+
+
+def checkpoint_template(cfg):
+    """The prompt template the checkpoint was fine-tuned with (train_sft.py records it); 'none' otherwise."""
+    if cfg.init_from != "resume":
+        return "none"  # GPT-2 weights
+    ckpt = load_checkpoint(cfg.out_dir)
+    return ckpt.get("template") or ckpt.get("config", {}).get("template") or "none"
+
+
+def chat(model, tok, template, cfg, rt):
+    """Read a line, wrap it in the template, print the model's response up to end-of-text; repeat until an empty
+    line or the end of input. A typed '\\n' stands for a newline (a code prompt needs several lines).
+    Returns [(prompt, response)]."""
+    print(f"chat (template {template!r}): type a prompt and press enter; an empty line or Ctrl-D ends")
+    block_size = model.config.block_size
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+    exchanges = []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        prompt = format_prompt(line.replace("\\n", "\n"), template)
+        ids = tok.encode(prompt)
+        if len(ids) >= block_size and cfg.crop_prompt:
+            ids = ids[-max(1, block_size - cfg.max_new_tokens):]  # keep the end, leave room for the response
+        try:
+            with rt.autocast:
+                out = model.generate(torch.tensor([ids], device=rt.device), cfg.max_new_tokens,
+                                     temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
+                                     greedy=cfg.greedy, num_beams=cfg.num_beams, eot_token=tok.eot_token,
+                                     generator=generator)
+        except ValueError as e:  # a prompt longer than the context: say so and go on
+            print(f"error: {e}")
+            continue
+        new = out[0, len(ids):].tolist()
+        response = tok.decode(new[:new.index(tok.eot_token)] if tok.eot_token in new else new)
+        print(response, flush=True)
+        exchanges.append((prompt, response))
+    return exchanges
 
 
 if __name__ == "__main__":

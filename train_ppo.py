@@ -32,6 +32,7 @@ from common import (Metrics, RunConfig, StopRequest, TokenBatches, UserError, co
                     read_jsonl_records, rng_state, save_checkpoint, seed_everything, set_rng_state, setup_runtime,
                     text_field)
 from tokenizer import get_tokenizer
+from train_rm import reward_at_last_token  # the score, read at the last real token, exactly as the RM was trained
 
 
 @dataclass
@@ -84,14 +85,15 @@ class Config(RunConfig):
 # the math of one PPO iteration, as small functions the tests call
 
 def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    """The mean over real positions; whatever lies at masked positions (even inf or nan) never enters it."""
+    return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def masked_whiten(x, mask, eps=1e-8):
     """Zero mean, unit variance over the real (mask == 1) positions only; padding stays out of the statistics."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
 
 
 def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, beta):
@@ -99,7 +101,7 @@ def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, beta):
 
     log pi - log pi_ref, averaged over samples from pi, estimates KL(pi || pi_ref); as a per-token penalty it
     charges the policy for every token it makes more likely than the reference would."""
-    kl = (logprobs - ref_logprobs) * mask
+    kl = torch.where(mask.bool(), logprobs - ref_logprobs, 0.0)
     rewards = -beta * kl
     last = (mask.sum(dim=1) - 1).long().clamp(min=0)  # responses are right-padded: the last real token
     rewards[torch.arange(len(scores)), last] += scores
@@ -110,8 +112,8 @@ def gae_advantages(rewards, values, mask, gamma, lam):
     """Generalised advantage estimation, backwards over response tokens:
         delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),   A_t = delta_t + gamma * lambda * A_{t+1}
     V after the last real token is 0 (the episode ends there). Returns (advantages, returns = A + V)."""
-    values = values * mask
-    rewards = rewards * mask
+    values = torch.where(mask.bool(), values, 0.0)
+    rewards = torch.where(mask.bool(), rewards, 0.0)
     T = rewards.size(1)
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[:, 0])
@@ -120,7 +122,6 @@ def gae_advantages(rewards, values, mask, gamma, lam):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         next_advantage = delta + gamma * lam * next_advantage
         advantages[:, t] = next_advantage
-    advantages = advantages * mask
     return advantages, advantages + values
 
 
@@ -170,13 +171,6 @@ def response_logprobs(model, seqs, attn, prompt_len, temperature, with_values=Fa
     return logprobs, values, entropy
 
 
-def last_token_scores(reward_model, seqs, attn):
-    """The reward model's score, read at the last real token of prompt + response (as train_rm.py trains it)."""
-    hidden = reward_model.hidden_states(seqs, attn)
-    last = attn.size(1) - 1 - attn.flip(1).float().argmax(dim=1)  # right-most position with attn == 1
-    return reward_model.scalar(hidden)[torch.arange(len(seqs)), last].float()
-
-
 def response_mask(responses, eot_token):
     """1 on response tokens up to and including the first end-of-text, 0 after it."""
     is_eot = (responses == eot_token).long()
@@ -220,7 +214,7 @@ def evaluate(policy, ref, reward_model, tok, prompts, cfg, rt, rm_stats):
     result = gold_metrics(prompts, completions)
     if reward_model is not None:
         seqs, attn, _ = batch_rows(rows, tok.eot_token, rt.device)
-        scores = torch.cat([last_token_scores(reward_model, s, a) for s, a in zip(seqs.split(64), attn.split(64))])
+        scores = torch.cat([reward_at_last_token(reward_model, s, a) for s, a in zip(seqs.split(64), attn.split(64))])
         result["rm_score"] = scores.mean().item()
         result["rm_score_norm"] = ((scores - rm_stats[0]) / rm_stats[1]).mean().item()
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
@@ -253,7 +247,9 @@ def batch_rows(rows, pad_id, device):
     return seqs, attn, prompts.size(1)
 
 
-def main(argv=None):
+def main(argv=None, score_fn=None):
+    """score_fn(prompt texts, response ids, response mask) -> scores, when given, replaces the reward model
+    (the tests use a toy reward with a known optimum)."""
     cfg = load_config(Config, argv)
     rt = setup_runtime(cfg)
     if rt.ddp:
@@ -274,14 +270,16 @@ def main(argv=None):
     shared = cfg.critic == "shared"
     policy = model_from_checkpoint(sft_ckpt, sft_source, dropout=0.0, scalar_head=shared)
     ref = model_from_checkpoint(sft_ckpt, sft_source, dropout=0.0, scalar_head=False).eval().requires_grad_(False)
+    if score_fn is None and cfg.reward == "gold":
+        score_fn = lambda texts, responses, mask: gold_scores(tok, texts, responses, mask)
     reward_model, rm_stats, critic = None, (0.0, 1.0), None
-    if cfg.reward == "model" or not shared:
+    if score_fn is None or not shared:
         rm_ckpt = load_checkpoint(cfg.reward_model, hint="make it with `python train_rm.py config/rm_small.py`")
         if rm_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
             raise UserError(f"the reward model uses the {rm_ckpt['tokenizer']!r} tokenizer but the policy uses "
                             f"{sft_ckpt['tokenizer']!r}; train both from the same pretraining run")
         rm_stats = (rm_ckpt.get("reward_mean", 0.0), max(rm_ckpt.get("reward_std", 1.0), 1e-6))
-        if cfg.reward == "model":
+        if score_fn is None:
             reward_model = model_from_checkpoint(rm_ckpt, cfg.reward_model, dropout=0.0).eval().requires_grad_(False)
         if not shared:  # the critic starts as the reward model: it already knows what a good response looks like
             critic = model_from_checkpoint(rm_ckpt, cfg.reward_model, dropout=0.0)
@@ -374,10 +372,10 @@ def main(argv=None):
                 if critic is not None:
                     values = response_logprobs(critic, seqs, attn, P, cfg.temperature, with_values=True)[1]
                 ref_logprobs, _, _ = response_logprobs(ref, seqs, attn, P, cfg.temperature)
-                if cfg.reward == "gold":
-                    scores = gold_scores(tok, [prompts[i] for i in pick], responses, mask).to(rt.device)
+                if score_fn is not None:
+                    scores = score_fn([prompts[i] for i in pick], responses, mask).float().to(rt.device)
                 else:
-                    raw = last_token_scores(reward_model, seqs, attn)
+                    raw = reward_at_last_token(reward_model, seqs, attn)
                     scores = (raw - rm_stats[0]) / rm_stats[1] if cfg.score_norm else raw
                 if cfg.score_clip > 0:
                     scores = scores.clamp(-cfg.score_clip, cfg.score_clip)

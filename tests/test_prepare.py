@@ -241,14 +241,24 @@ def test_each_corruption_does_what_its_name_says(body):
     assert not _parses(PROMPT + b) and [line.strip() for line in b.split("\n")] == [
         line.strip() for line in body.split("\n")]
     s = prepare.shuffled(body, rng)
-    if body.count("\n") >= 2:
+    if body.count("\n") >= 2:  # two statements ending in a return: the return moves first, the rest is dead code
         first, second = prepare.split_lines(body)
         assert s == second + first
     else:
         assert s is None
-    other = prepare.other_function(body, rng, pool=BODIES)
-    assert other in BODIES and other != body
-    assert prepare.other_function(body, rng, pool=[body]) is None
+    unrelated = '    return os.getcwd()\n'
+    other = prepare.other_function(body, rng, pool=BODIES + [unrelated], prompt=PROMPT)
+    assert other == unrelated  # the only body that uses none of the prompt's names (xs, k, Scale, ...)
+    assert prepare.other_function(body, rng, pool=BODIES, prompt=PROMPT) is None
+
+
+def test_shuffled_needs_a_final_return_and_never_leaves_it_last():
+    rng = random.Random(0)
+    assert prepare.shuffled("    a = 1\n    b = 2\n", rng) is None  # two independent statements: no worse swapped
+    body = "    a = f()\n    b = g(a)\n    return b\n"
+    for _ in range(5):
+        s = prepare.shuffled(body, rng)
+        assert sorted(s.splitlines()) == sorted(body.splitlines()) and not s.endswith("return b\n")
 
 
 def test_truncated_gives_up_when_no_cut_breaks_the_code():

@@ -19,7 +19,7 @@ appear in train are dropped, so the evaluation prompts are truly held out.
 Run from the repo root:
 
     python data/pycode/prepare.py                      # byte tokenizer, small CPU scale
-    python data/pycode/prepare.py --tokenizer=gpt2     # GPT-2's BPE, e.g. to fine-tune GPT-2 weights
+    python data/pycode/prepare.py --tokenizer=gpt2     # GPT-2's BPE, into data/pycode/gpt2 (dataset='pycode/gpt2')
     python data/pycode/prepare.py --max_body_lines=20  # GPU scale: a bigger model can learn longer bodies
 """
 import argparse
@@ -27,8 +27,10 @@ import ast
 import functools
 import hashlib
 import json
+import keyword
 import os
 import random
+import re
 import sys
 import sysconfig
 import tempfile
@@ -58,7 +60,9 @@ def parse_args(argv=None):
     p = _Parser(description="Build the pycode dataset from the Python standard library.", allow_abbrev=False)
     p.add_argument("--tokenizer", default="byte", help=f"one of {sorted(TOKENIZERS)}")
     p.add_argument("--src_dir", default=STDLIB, help="where to look for .py files (default: this Python's stdlib)")
-    p.add_argument("--out_dir", default=HERE, help="where to write (default: next to this script)")
+    p.add_argument("--out_dir", default=None,
+                   help="where to write (default: next to this script; data/pycode/gpt2 with --tokenizer=gpt2, so that "
+                        "the two tokenizations live side by side)")
     # 1 file in 5, not 1 in 10: 1 in 10 gives only ~116 evaluation prompts on CPython 3.11, too few to measure with
     p.add_argument("--val_every", type=int, default=5, help="a file goes to val if sha256(path) %% val_every == 0")
     p.add_argument("--max_body_lines", type=int, default=2,
@@ -72,6 +76,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.tokenizer not in TOKENIZERS:
         raise SystemExit(f"prepare.py: unknown tokenizer {args.tokenizer!r}; choose one of {sorted(TOKENIZERS)}")
+    if args.out_dir is None:
+        args.out_dir = HERE if args.tokenizer == "byte" else os.path.join(HERE, args.tokenizer)
     for name, low in (("val_every", 2), ("max_body_lines", 1), ("max_tokens", 1), ("max_files", 0)):
         if getattr(args, name) < low:
             raise SystemExit(f"prepare.py: --{name} must be at least {low}, got {getattr(args, name)}")
@@ -258,27 +264,45 @@ def bad_indent(body, rng):
     return None
 
 
+TERMINAL = ("return", "raise", "break", "continue")
+
+
 def shuffled(body, rng):
-    """Statements (or, in a body of one statement, its lines) in another order."""
+    """Statements in another order such that the final `return`/`raise` no longer comes last: the statements after
+    it can never run. (A swap of two independent statements would be as good as the original, not worse.)"""
     lines, stmts = split_lines(body), _statements(body)
-    starts = [first for first, _ in stmts] if len(stmts) >= 2 else [i for i, l in enumerate(lines) if l.strip()]
-    if len(starts) < 2:
+    if len(stmts) < 2:
         return None
+    starts = [first for first, _ in stmts]
     starts[0] = 0  # leading blank or comment lines travel with the first piece
     pieces = [lines[a:b] for a, b in zip(starts, starts[1:] + [len(lines)])]
-    order = pieces[:]
-    rng.shuffle(order)
-    if order == pieces:
-        order = pieces[1:] + pieces[:1]
-    rejected = "".join(line for piece in order for line in piece)
-    return rejected if rejected != body else None
+    if not pieces[-1][0].lstrip().startswith(TERMINAL):
+        return None
+    for _ in range(MAX_TRIES):
+        order = pieces[:]
+        rng.shuffle(order)
+        if order[-1] is not pieces[-1]:
+            return "".join(line for piece in order for line in piece)
+    return None
 
 
-def other_function(body, rng, pool):
-    """The body of another function of the same split: valid code that does not do what the docstring says."""
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+COMMON_NAMES = set(keyword.kwlist) | {"self", "cls", "None", "True", "False"}
+
+
+def names(text):
+    return set(IDENTIFIER.findall(text)) - COMMON_NAMES
+
+
+def other_function(body, rng, pool, prompt):
+    """The body of another function of the same split, one that uses none of the names the prompt mentions
+    (arguments, words of the docstring) while the real body uses some: valid code, unrelated to the request."""
+    wanted = names(prompt)
+    if not names(body) & wanted:
+        return None  # the real body does not visibly use the prompt either: the kind would be ambiguous here
     for _ in range(MAX_TRIES):
         rejected = rng.choice(pool)
-        if rejected != body:
+        if rejected != body and not names(rejected) & wanted:
             return rejected
     return None
 
@@ -290,10 +314,11 @@ MUST_NOT_PARSE = ("truncated", "unbalanced", "bad_indent")
 
 def preference_pairs(pairs, rng):
     """Exactly one preference pair per (prompt, response) pair. Returns (rows, pairs per kind, pairs skipped)."""
-    corrupt = dict(CORRUPTIONS, other_function=functools.partial(other_function, pool=[r for _, r in pairs]))
+    pool = [r for _, r in pairs]
     used, rows, skipped = Counter({kind: 0 for kind in CORRUPTIONS}), [], 0
     for prompt, chosen in pairs:
         options = {}
+        corrupt = dict(CORRUPTIONS, other_function=functools.partial(other_function, pool=pool, prompt=prompt))
         for kind, fn in corrupt.items():
             rejected = fn(chosen, rng)
             if rejected is None or rejected == chosen or (kind in MUST_NOT_PARSE and parses(prompt + rejected)):

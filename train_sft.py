@@ -1,0 +1,323 @@
+"""
+Stage 1 of the InstructGPT recipe: supervised fine-tuning (SFT). The pretrained GPT is shown demonstrations,
+a prompt x and the response y a person (here: the Python standard library) gave to it, and learns to imitate
+the responses. On our task a prompt is a function's `def` line and docstring, the response is its body.
+
+Each example is the token sequence prompt + response + end-of-text. The model reads all of it, but only the
+response tokens (and the end-of-text that ends the response) are predicted for the loss; the prompt is given:
+
+    L(theta) = -1/|R| * sum_{t in R} log p_theta(y_t | x, y_<t)
+
+with R the response positions of every example in the batch (a token-weighted mean). Learning to stop, the
+end-of-text after the response, is part of the task: a fine-tuned model ends its answer by itself.
+
+Before and after training (and at every evaluation) it reports the validation loss on response tokens and, for
+held-out prompts, how often the greedy completion makes a function that Python's parser accepts (`ast.parse`;
+generated code is never executed) and how often it is degenerate (empty, `pass`, or the same body every time).
+
+Run (after `python train_lm.py config/lm_small.py`; about 3 minutes on a laptop CPU):
+    python train_sft.py config/sft_small.py
+    python sample.py --out_dir=out/sft_small --start=FILE:prompt.txt --greedy=True
+Instruction data (Alpaca's {"instruction", "input", "output"} or {"user_input", "completion"} lines):
+    python train_sft.py --init_from=gpt2 --train_file=alpaca.jsonl --val_file=alpaca_val.jsonl --template=instruction
+    python sample.py --out_dir=out/sft --chat=True
+Every key: python train_sft.py --help
+"""
+import functools
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch.nn import functional as F
+
+from common import (Metrics, RunConfig, StopRequest, UserError, complete, cosine_lr, encode_prompt_response,
+                    format_duration, format_prompt, gold_metrics, grad_scaler, init_model, load_config, pad_right,
+                    plot_curves, print_config, read_jsonl, read_jsonl_records, read_sft_examples, rng_state,
+                    save_checkpoint, seed_everything, set_rng_state, setup_runtime, text_field)
+from tokenizer import get_tokenizer
+
+
+@dataclass
+class Config(RunConfig):
+    out_dir: str = "out/sft"  # where ckpt.pt, metrics.jsonl and sft.png are written
+    init_from: str = "out/lm_small"  # a pretraining out_dir, a GPT-2 name or Hugging Face directory, or 'resume'
+    max_iters: int = 600  # optimizer steps in total
+    eval_interval: int = 100  # evaluate and save a checkpoint every this many steps
+    # data
+    train_file: str = "data/pycode/sft_train.jsonl"  # demonstrations: {"prompt","response"}, Alpaca or ChatLLaMA lines
+    val_file: str = "data/pycode/sft_val.jsonl"  # held-out demonstrations: the validation loss on response tokens
+    eval_prompts: str = "data/pycode/prompts_eval.jsonl"  # held-out prompts whose greedy completions are scored
+    template: Literal["none", "instruction"] = "none"  # 'none': the prompt as it is; 'instruction': Alpaca's template
+    block_size: int = 0  # context length; 0 means the model's own, smaller crops it; longer examples are dropped
+    # evaluation
+    eval_max_prompts: int = 0  # complete this many of the eval prompts greedily at each evaluation; 0 means all
+    max_new_tokens: int = 96  # completion length limit; eval prompts longer than the context minus this are dropped
+    eval_batch_size: int = 64  # rows per batch in evaluation (loss and generation)
+    # optimisation
+    batch_size: int = 16  # examples per step
+    learning_rate: float = 3e-4  # peak learning rate: lower than pretraining, to adapt rather than overwrite
+    min_lr: float = 3e-5  # the cosine schedule ends here
+    warmup_iters: int = 20  # linear warm-up steps
+    lr_decay_iters: int = 0  # the cosine reaches min_lr here; 0 means max_iters
+    weight_decay: float = 0.1  # AdamW decay, applied to matrices only
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.99  # AdamW
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
+    dropout: float = 0.0  # may help a large model memorise less; hurt lm_small (pretrained without)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the batch and the loss
+
+def sft_batch(examples, pad_id):
+    """x, y (B, T) from [(prompt ids, response ids)], the response ending in end-of-text.
+
+    Each row is prompt + response padded on the right; x is the row without its last token, y without its first
+    (y[t] is the token that follows x[..t]). y is -1, which the loss ignores, wherever the token to predict is a
+    prompt token or padding. The prompt is masked because it is the user's part: the model should learn to
+    answer prompts, not to write them, and a loss on the (usually longer) prompt would mostly train it to
+    imitate docstrings. The prompt still shapes the loss through the context the response is predicted from.
+    """
+    ids, _ = pad_right([p + r for p, r in examples], pad_id)
+    targets = torch.full_like(ids, -1)
+    for i, (p, r) in enumerate(examples):
+        targets[i, len(p):len(p) + len(r)] = ids[i, len(p):len(p) + len(r)]
+    # Why pad rather than pack (concatenate examples into full rows, as pretraining does): packed examples would
+    # attend to the unrelated examples before them and start at arbitrary positions, unlike at generation time,
+    # unless every row got a block-diagonal attention mask and restarted positions. Padding keeps each example
+    # alone in its row from position 0. Padding on the right needs no attention mask at all: with causal
+    # attention a real token only sees tokens before it, never the padding after it. The cost is the compute
+    # spent on padding: a batch is as long as its longest example, so on pycode about a third of it is padding.
+    return ids[:, :-1], targets[:, 1:]
+
+
+def response_loss_sum(model, x, y):
+    """Summed negative log-likelihood of the response tokens (y != -1) and their count: summing and dividing
+    once gives the exact mean over a whole data set, whatever the batches."""
+    logits, _ = model(x)
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=-1,
+                          reduction="sum")
+    return nll, int((y != -1).sum())
+
+
+def encode_examples(tok, examples, template, block_size):
+    """Token ids (prompt, response + end-of-text) of each example, and how many were dropped for not fitting
+    the context. An example is never truncated: a cut response would teach the model to stop mid-function."""
+    encoded, dropped = [], 0
+    for prompt, response in examples:
+        pair = encode_prompt_response(tok, format_prompt(prompt, template), response, block_size)
+        if pair is None:
+            dropped += 1
+        else:
+            encoded.append(pair)
+    return encoded, dropped
+
+
+def batch_indices(seed, iter_num, batch_size, n):
+    """The examples of step iter_num: a pure function of (seed, step), so a resumed run sees exactly the batches
+    an uninterrupted one would. The examples are read epoch after epoch, each epoch in its own order, a
+    permutation drawn from (seed, epoch); a batch may span the end of one epoch and the start of the next."""
+    out = []
+    for k in range(iter_num * batch_size, (iter_num + 1) * batch_size):
+        epoch, i = divmod(k, n)
+        out.append(epoch_order(seed, epoch, n)[i])
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed, epoch, n):
+    """The order of the n examples in one epoch (computed once per epoch, not once per batch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# evaluation
+
+def read_eval_prompts(path, tok, template, max_len, limit):
+    """(raw prompts, formatted prompts, dropped): prompts leaving no room for max_new_tokens are dropped and
+    counted, the same rule train_ppo.py uses, so that the parse shares of both stages are comparable."""
+    raw, formatted, dropped = [], [], 0
+    for n, obj in read_jsonl(path):
+        prompt = text_field(obj, "prompt", f"{path}:{n}")
+        text = format_prompt(prompt, template)
+        if len(tok.encode(text)) > max_len:
+            dropped += 1
+            continue
+        raw.append(prompt)
+        formatted.append(text)
+    if not raw:
+        raise UserError(f"{path}: every prompt is longer than {max_len} tokens; lower max_new_tokens")
+    if limit:
+        raw, formatted = raw[:limit], formatted[:limit]
+    return raw, formatted, dropped
+
+
+@torch.no_grad()
+def evaluate(model, val_examples, eval_prompts, tok, cfg, rt):
+    """Validation loss on response tokens over every validation example, and the gold measures of greedy
+    completions of the eval prompts (the raw prompt + completion must parse as Python)."""
+    model.eval()
+    nll, count = 0.0, 0
+    for i in range(0, len(val_examples), cfg.eval_batch_size):
+        x, y = sft_batch(val_examples[i:i + cfg.eval_batch_size], tok.eot_token)
+        with rt.autocast:
+            s, c = response_loss_sum(model, x.to(rt.device), y.to(rt.device))
+        nll, count = nll + s.item(), count + c
+    raw, formatted = eval_prompts
+    completions, _ = complete(model, tok, formatted, cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                              device=rt.device, autocast=rt.autocast)
+    model.train()
+    return {"val_loss": nll / count, **gold_metrics(raw, completions)}, completions
+
+
+def describe(m):
+    return (f"val response loss {m['val_loss']:.4f}, parses {m['parses']:.1%}, degenerate {m['degenerate']:.1%}, "
+            f"parses and not degenerate {m['parses_not_degenerate']:.1%}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = load_config(Config, argv)
+    rt = setup_runtime(cfg)
+    if rt.ddp:
+        raise UserError("train_sft.py runs in one process; start it with python, not torchrun")
+    print_config(cfg)
+    seed_everything(cfg.seed)
+
+    # ---- model: the pretrained LM (or the SFT run to resume); its tokenizer is the one the data is encoded with
+    if cfg.init_from == "scratch":
+        raise UserError("SFT fine-tunes a pretrained model: set init_from to a pretraining out_dir (e.g. "
+                        "out/lm_small, made by `python train_lm.py config/lm_small.py`), a GPT-2 name or 'resume'")
+    model_args = {"dropout": cfg.dropout, **({"block_size": cfg.block_size} if cfg.block_size else {})}
+    model, ckpt, tokenizer_name = init_model(
+        cfg.init_from, cfg.out_dir, model_args, None,
+        stage_hint="make it with `python train_lm.py config/lm_small.py` (or set init_from to a pretraining out_dir)")
+    if ckpt is not None and ckpt.get("template", cfg.template) != cfg.template:
+        raise UserError(f"{cfg.out_dir}/ckpt.pt was trained with template={ckpt['template']!r}, not "
+                        f"{cfg.template!r}; resume with the same template or use a new out_dir")
+    if cfg.block_size > model.config.block_size:
+        raise UserError(f"block_size={cfg.block_size} is longer than the model's context ({model.config.block_size})")
+    if cfg.block_size and cfg.block_size < model.config.block_size:
+        model.crop_block_size(cfg.block_size)
+    block_size = model.config.block_size
+    tok = get_tokenizer(tokenizer_name)
+    if model.config.vocab_size < tok.n_vocab:
+        raise UserError(f"the model has {model.config.vocab_size} token embeddings, fewer than the "
+                        f"{tokenizer_name!r} tokenizer's {tok.n_vocab}")
+    model.to(rt.device)
+
+    # ---- data: text -> (prompt ids, response ids + end-of-text); examples longer than the context are dropped
+    train_examples, train_dropped = encode_examples(tok, read_sft_examples(cfg.train_file), cfg.template, block_size)
+    val_examples, val_dropped = encode_examples(tok, read_sft_examples(cfg.val_file), cfg.template, block_size)
+    for path, kept, dropped in ((cfg.train_file, train_examples, train_dropped),
+                                (cfg.val_file, val_examples, val_dropped)):
+        print(f"{path}: {len(kept)} examples, {dropped} longer than the context ({block_size} tokens) dropped")
+        if not kept:
+            raise UserError(f"{path}: every example is longer than the context ({block_size} tokens)")
+    eval_raw, eval_formatted, eval_dropped = read_eval_prompts(
+        cfg.eval_prompts, tok, cfg.template, block_size - cfg.max_new_tokens, cfg.eval_max_prompts)
+    print(f"{cfg.eval_prompts}: completing {len(eval_raw)} prompts greedily at each evaluation "
+          f"({eval_dropped} longer than {block_size - cfg.max_new_tokens} tokens dropped)")
+    print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, tokenizer {tokenizer_name!r}, context "
+          f"{block_size}, template {cfg.template!r}, {rt.device} {rt.dtype}")
+
+    # ---- optimizer, and the state of an interrupted run
+    scaler = grad_scaler(rt)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
+    iter_num, before, last = 0, None, {}
+    if ckpt is not None:  # init_from='resume': continue exactly where the checkpoint left off
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        iter_num, before, last = ckpt["iter_num"], ckpt["before"], ckpt["eval"]
+        set_rng_state(ckpt["rng"])
+        print(f"resuming from {cfg.out_dir}/ckpt.pt at step {iter_num}")
+    raw_model = model
+    if cfg.compile:
+        print("compiling the model (the first steps take a while)...")
+        model = torch.compile(model, dynamic=True)  # dynamic: every batch has its own length
+
+    # ---- the training loop
+    metrics = Metrics(cfg.out_dir, resume_iter=iter_num if ckpt else None)
+    resumed_at = iter_num if ckpt else None  # that step's evaluation is already in the metrics and checkpoint
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    completions = []
+    loss_sum, tokens, interval_iters, interval_time = 0.0, 0, 0, 0.0
+    t_start = time.time()
+    with StopRequest() as stop:
+        while True:
+            lr = cosine_lr(iter_num, cfg.learning_rate, cfg.warmup_iters, decay_iters, cfg.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # evaluate and checkpoint; the checkpoint holds everything needed to continue from this very step
+            at_end = iter_num >= cfg.max_iters or stop.requested
+            if (iter_num % cfg.eval_interval == 0 or at_end) and iter_num != resumed_at:
+                t0 = time.time()
+                last, completions = evaluate(raw_model, val_examples, (eval_raw, eval_formatted), tok, cfg, rt)
+                before = before or last  # the first evaluation is of the initial (pretrained) model
+                print(f"step {iter_num}: {describe(last)} ({format_duration(time.time() - t0)})")
+                metrics.log(iter=iter_num, **last)
+                save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
+                    "stage": "sft", "model_args": asdict(raw_model.config), "model": raw_model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
+                    "val_loss": last["val_loss"], "eval": last, "before": before, "config": asdict(cfg),
+                    "rng": rng_state(), "tokenizer": tokenizer_name, "template": cfg.template})
+            if at_end:
+                break
+
+            # one optimizer step on one batch of examples
+            t0 = time.time()
+            batch = [train_examples[i] for i in batch_indices(cfg.seed, iter_num, cfg.batch_size, len(train_examples))]
+            x, y = sft_batch(batch, tok.eot_token)
+            x, y = x.to(rt.device), y.to(rt.device)
+            with rt.autocast:
+                _, loss = model(x, y)  # the mean over response tokens: y is -1 on prompt and padding
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.item()
+            tokens += x.numel()
+            interval_time += time.time() - t0
+            interval_iters += 1
+            iter_num += 1
+
+            if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+                train_loss = loss_sum / interval_iters
+                dt = interval_time / interval_iters
+                eta = (cfg.max_iters - iter_num) * dt
+                print(f"iter {iter_num}/{cfg.max_iters}: response loss {train_loss:.4f}, lr {lr:.2e}, "
+                      f"{dt * 1000:.1f} ms/iter, {tokens / interval_time:,.0f} tok/s, eta {format_duration(eta)}",
+                      flush=True)
+                metrics.log(iter=iter_num, train_loss=train_loss, lr=lr, ms_per_iter=dt * 1000,
+                            tokens_per_s=tokens / interval_time)
+                loss_sum, tokens, interval_iters, interval_time = 0.0, 0, 0, 0.0
+
+    # ---- the end: a plot, a summary and a few completions
+    records = read_jsonl_records(metrics.path)
+    series = lambda key: tuple(zip(*[(r["iter"], r[key]) for r in records if key in r])) or ((), ())
+    panels = {"response loss (nats per token)": {"train": series("train_loss"), "val": series("val_loss")},
+              "greedy completions of eval prompts": {"parses": series("parses"), "degenerate": series("degenerate")}}
+    plot_curves(os.path.join(cfg.out_dir, "sft.png"), panels, f"supervised fine-tuning: {cfg.out_dir}")
+    print(f"done: step {iter_num} in {format_duration(time.time() - t_start)}; "
+          f"val response loss {before['val_loss']:.4f} -> {last['val_loss']:.4f}, "
+          f"parses {before['parses']:.1%} -> {last['parses']:.1%}, "
+          f"degenerate {before['degenerate']:.1%} -> {last['degenerate']:.1%} on {len(eval_raw)} eval prompts; "
+          f"wrote {cfg.out_dir}/ckpt.pt, metrics.jsonl, sft.png")
+    if not completions:  # resumed at the very end: nothing was evaluated in this run
+        completions, _ = complete(raw_model, tok, eval_formatted[:3], cfg.max_new_tokens, device=rt.device,
+                                  autocast=rt.autocast)
+    for prompt, completion in list(zip(eval_formatted, completions))[:3]:
+        print(f"---------- prompt\n{prompt}---------- completion\n{completion}")
+    return {"before": before, "after": last}
+
+
+if __name__ == "__main__":
+    main()
