@@ -51,6 +51,7 @@ class Config(RunConfig):
     val_file: str = "data/pycode/pref_val.jsonl"  # held-out data in the same format: accuracy and margin per kind
     template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
     loss: Literal["pairwise", "mse"] = "pairwise"  # 'pairwise': -log sigma(r_w - r_l); 'mse': (r - score)^2
+    mismatched: bool = False  # also pair each chosen response against another prompt's chosen response (extra rows)
     margin: float = 0.0  # m in -log sigma(r_w - r_l - m): ask for the chosen response to win by at least m
     train_backbone: bool = True  # False trains the scalar head only, on the frozen features of the init model
     dropout: float = 0.0  # dropout in the backbone while training
@@ -114,7 +115,7 @@ def pair_metrics_by_kind(r_chosen, r_rejected, kinds):
 
 def encode_pairs(pairs, tok, template, block_size):
     """Chosen and rejected token ids and the kind of each pair that fits the context; and the number dropped."""
-    chosen, rejected, kinds, dropped = [], [], [], 0
+    chosen, rejected, kinds, prompt_len, dropped = [], [], [], [], 0
     for pair in pairs:
         prompt = format_prompt(pair["prompt"], template)
         w = encode_prompt_response(tok, prompt, pair["chosen"], block_size)
@@ -125,7 +126,8 @@ def encode_pairs(pairs, tok, template, block_size):
         chosen.append(w[0] + w[1])
         rejected.append(l[0] + l[1])
         kinds.append(pair["kind"])
-    return {"chosen": chosen, "rejected": rejected, "kinds": kinds}, dropped
+        prompt_len.append(len(w[0]))
+    return {"chosen": chosen, "rejected": rejected, "kinds": kinds, "prompt_len": prompt_len}, dropped
 
 
 def encode_scored(examples, tok, template, block_size):
@@ -215,14 +217,36 @@ def evaluate(model, data, cfg, pad_id, rt):
     return result
 
 
+def mismatched_rows(data, index, block_size):
+    """Extra rejected responses: each prompt of the batch with the chosen response of the next pair in the batch.
+    A response written for another prompt is a worse answer to this one, so (x_i, y_w_i) > (x_i, y_w_j) is one
+    more preference pair for free, teaching the model to check that a response fits its prompt.
+    Returns [(pair position in the batch, row)], leaving out rows too long for the context and identical texts."""
+    out = []
+    for k, i in enumerate(index):
+        j = index[(k + 1) % len(index)]
+        p = data["chosen"][i][:data["prompt_len"][i]]
+        row = p + data["chosen"][j][data["prompt_len"][j]:]
+        if len(row) <= block_size and row != data["chosen"][i]:
+            out.append((k, row))
+    return out
+
+
 def train_step_loss(model, data, index, cfg, pad_id, rt):
     """The loss of one batch, and for pairs the batch accuracy. Chosen and rejected responses of the batch are
-    padded together and scored in one forward pass of 2B rows: rows 0..B-1 chosen, B..2B-1 rejected."""
+    padded together and scored in one forward pass of 2B rows: rows 0..B-1 chosen, B..2B-1 rejected (then, with
+    mismatched=True, up to B more rejected rows: the prompts with other pairs' chosen responses)."""
     if cfg.loss == "pairwise":
+        B = len(index)
         rows = [data["chosen"][i] for i in index] + [data["rejected"][i] for i in index]
-        r = rewards_of_rows(model, rows, pad_id, rt.device, rt.autocast)
-        r_w, r_l = r[:len(index)], r[len(index):]
-        return pairwise_loss(r_w, r_l, cfg.margin), (r_w > r_l).float().mean()
+        extra = mismatched_rows(data, index, model.config.block_size) if cfg.mismatched else []
+        r = rewards_of_rows(model, rows + [row for _, row in extra], pad_id, rt.device, rt.autocast)
+        r_w, r_l = r[:B], r[B:2 * B]
+        accuracy = (r_w > r_l).float().mean()
+        if extra:
+            r_w = torch.cat([r_w, r_w[[k for k, _ in extra]]])
+            r_l = torch.cat([r_l, r[2 * B:]])
+        return pairwise_loss(r_w, r_l, cfg.margin), accuracy
     r = rewards_of_rows(model, [data["rows"][i] for i in index], pad_id, rt.device, rt.autocast)
     scores = torch.tensor([data["scores"][i] for i in index], device=r.device)
     return mse_loss(r, scores), None
