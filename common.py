@@ -207,15 +207,20 @@ def grad_scaler(runtime):
     return torch.amp.GradScaler(runtime.device_type, enabled=runtime.dtype == "float16")
 
 
+def optimizer_step(optimizer, scaler, parameters, grad_clip):
+    """Unscale (fp16) gradients, clip their global norm, step (the scaler skips a step with inf/nan gradients),
+    and clear the gradients for the next step."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def seed_everything(seed):
     torch.manual_seed(seed)
     np.random.seed(seed)
-
-
-def unwrap(model):
-    """The plain GPT inside a DDP and/or torch.compile wrapper."""
-    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    return getattr(model, "_orig_mod", model)
 
 
 def measure_matmul_flops(device="cpu", n=1024, reps=5):
@@ -598,6 +603,25 @@ def read_scored_examples(path):
             raise UserError(f"{where}: field 'score' must be a number")
         examples.append((text_field(obj, "user_input", where), text_field(obj, "completion", where), float(score)))
     return examples
+
+
+def read_prompts(path, tok, template, max_len):
+    """Prompts {"prompt": ...} as raw text, with the template applied, and as token ids; prompts longer than
+    max_len tokens (those that would leave too little room to answer) are dropped and counted."""
+    raw, formatted, ids, dropped = [], [], [], 0
+    for n, obj in read_jsonl(path):
+        prompt = text_field(obj, "prompt", f"{path}:{n}")
+        text = format_prompt(prompt, template)
+        encoded = tok.encode(text)
+        if len(encoded) > max_len:
+            dropped += 1
+            continue
+        raw.append(prompt)
+        formatted.append(text)
+        ids.append(encoded)
+    if not raw:
+        raise UserError(f"{path}: every prompt is longer than {max_len} tokens; lower max_new_tokens")
+    return raw, formatted, ids, dropped
 
 
 def encode_prompt_response(tok, prompt, response, block_size):

@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (Metrics, dataset_dir, RunConfig, StopRequest, TokenBatches, UserError, cosine_lr, format_duration,
-                    grad_scaler, init_model, load_config, measure_matmul_flops, plot_curves, print_config,
-                    read_jsonl_records, read_meta, rng_state, save_checkpoint, seed_everything, set_rng_state,
-                    setup_runtime, unwrap)
+from common import (optimizer_step, Metrics, dataset_dir, RunConfig, StopRequest, TokenBatches, UserError,
+                    cosine_lr, format_duration, grad_scaler, init_model, load_config, measure_matmul_flops,
+                    plot_curves, print_config, read_jsonl_records, read_meta, rng_state, save_checkpoint,
+                    seed_everything, set_rng_state, setup_runtime)
 from tokenizer import get_tokenizer
 
 
@@ -183,12 +183,7 @@ def main(argv=None):
                     loss = loss / accum  # the mean over all micro-steps, not their sum
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
             if rt.device_type == "cuda" and (iter_num + 1) % cfg.log_interval == 0:
                 torch.cuda.synchronize()  # honest timings
             interval_time += time.time() - t0

@@ -26,11 +26,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common import (Metrics, RunConfig, StopRequest, TokenBatches, UserError, complete, dataset_dir, format_duration,
-                    format_prompt, function_parses, gold_metrics, init_model, is_degenerate, load_checkpoint,
-                    load_config, model_from_checkpoint, pad_left, plot_curves, print_config, read_jsonl,
-                    read_jsonl_records, rng_state, save_checkpoint, seed_everything, set_rng_state, setup_runtime,
-                    text_field)
+from common import (Metrics, read_prompts, RunConfig, StopRequest, TokenBatches, UserError, complete, dataset_dir,
+                    format_duration, function_parses, gold_metrics, is_degenerate, load_checkpoint, load_config,
+                    model_from_checkpoint, pad_left, plot_curves, print_config, read_jsonl_records, rng_state,
+                    save_checkpoint, seed_everything, set_rng_state, setup_runtime)
 from tokenizer import get_tokenizer
 from train_rm import reward_at_last_token  # the score, read at the last real token, exactly as the RM was trained
 
@@ -189,22 +188,6 @@ def gold_scores(tok, prompts_text, responses, mask):
 
 # --------------------------------------------------------------------------------------------------------------
 
-def load_prompts(path, tok, template, max_len):
-    """Prompt texts and token ids; prompts that leave no room for max_new_tokens are dropped and counted."""
-    texts, ids, dropped = [], [], 0
-    for n, obj in read_jsonl(path):
-        text = format_prompt(text_field(obj, "prompt", f"{path}:{n}"), template)
-        encoded = tok.encode(text)
-        if len(encoded) > max_len:
-            dropped += 1
-            continue
-        texts.append(text)
-        ids.append(encoded)
-    if not texts:
-        raise UserError(f"{path}: every prompt is longer than {max_len} tokens; lower max_new_tokens")
-    return texts, ids, dropped
-
-
 @torch.no_grad()
 def evaluate(policy, ref, reward_model, tok, prompts, cfg, rt, rm_stats):
     """Greedy completions of the held-out prompts -> RM score and gold; sampled completions -> KL to the reference,
@@ -309,8 +292,8 @@ def main(argv=None, score_fn=None):
 
     # ---- prompts
     max_prompt = policy.config.block_size - cfg.max_new_tokens
-    prompts, prompt_ids, dropped = load_prompts(cfg.prompts_file, tok, cfg.template, max_prompt)
-    eval_texts, _, eval_dropped = load_prompts(cfg.eval_prompts, tok, cfg.template, max_prompt)
+    _, prompts, prompt_ids, dropped = read_prompts(cfg.prompts_file, tok, cfg.template, max_prompt)
+    _, eval_texts, _, eval_dropped = read_prompts(cfg.eval_prompts, tok, cfg.template, max_prompt)
     if cfg.eval_max_prompts:
         eval_texts = eval_texts[:cfg.eval_max_prompts]
     print(f"{len(prompts)} rollout prompts ({dropped} longer than {max_prompt} tokens dropped), "

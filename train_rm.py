@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common import (Metrics, RunConfig, StopRequest, UserError, cosine_lr, encode_prompt_response, format_duration,
+from common import (optimizer_step, Metrics, RunConfig, StopRequest, UserError, cosine_lr, encode_prompt_response, format_duration,
                     format_prompt, grad_scaler, load_checkpoint, load_config, model_from_checkpoint, pad_right,
                     plot_curves, print_config, read_jsonl_records, read_preference_pairs, read_scored_examples,
                     rng_state, save_checkpoint, seed_everything, set_rng_state, setup_runtime)
@@ -411,12 +411,7 @@ def main(argv=None):
             index = batch_indices(cfg.seed, iter_num, cfg.batch_size, lengths)
             loss, acc = train_step_loss(model, train, index, cfg, tok.eot_token, rt)
             scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
             loss_sum += loss.item()
             acc_sum += acc.item() if acc is not None else 0.0
             interval_time += time.time() - t0

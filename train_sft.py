@@ -32,10 +32,10 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from common import (Metrics, RunConfig, StopRequest, UserError, complete, cosine_lr, encode_prompt_response,
-                    format_duration, format_prompt, gold_metrics, grad_scaler, init_model, load_config, pad_right,
-                    plot_curves, print_config, read_jsonl, read_jsonl_records, read_sft_examples, rng_state,
-                    save_checkpoint, seed_everything, set_rng_state, setup_runtime, text_field)
+from common import (optimizer_step, read_prompts, Metrics, RunConfig, StopRequest, UserError, complete, cosine_lr,
+                    encode_prompt_response, format_duration, format_prompt, gold_metrics, grad_scaler, init_model,
+                    load_config, pad_right, plot_curves, print_config, read_jsonl_records, read_sft_examples,
+                    rng_state, save_checkpoint, seed_everything, set_rng_state, setup_runtime)
 from tokenizer import get_tokenizer
 
 
@@ -135,25 +135,6 @@ def epoch_order(seed, epoch, n):
 # --------------------------------------------------------------------------------------------------------------
 # evaluation
 
-def read_eval_prompts(path, tok, template, max_len, limit):
-    """(raw prompts, formatted prompts, dropped): prompts leaving no room for max_new_tokens are dropped and
-    counted, the same rule train_ppo.py uses, so that the parse shares of both stages are comparable."""
-    raw, formatted, dropped = [], [], 0
-    for n, obj in read_jsonl(path):
-        prompt = text_field(obj, "prompt", f"{path}:{n}")
-        text = format_prompt(prompt, template)
-        if len(tok.encode(text)) > max_len:
-            dropped += 1
-            continue
-        raw.append(prompt)
-        formatted.append(text)
-    if not raw:
-        raise UserError(f"{path}: every prompt is longer than {max_len} tokens; lower max_new_tokens")
-    if limit:
-        raw, formatted = raw[:limit], formatted[:limit]
-    return raw, formatted, dropped
-
-
 @torch.no_grad()
 def evaluate(model, val_examples, eval_prompts, tok, cfg, rt):
     """Validation loss on response tokens over every validation example, and the gold measures of greedy
@@ -217,8 +198,12 @@ def main(argv=None):
         print(f"{path}: {len(kept)} examples, {dropped} longer than the context ({block_size} tokens) dropped")
         if not kept:
             raise UserError(f"{path}: every example is longer than the context ({block_size} tokens)")
-    eval_raw, eval_formatted, eval_dropped = read_eval_prompts(
-        cfg.eval_prompts, tok, cfg.template, block_size - cfg.max_new_tokens, cfg.eval_max_prompts)
+    # prompts leaving no room for max_new_tokens are dropped, the same rule train_ppo.py uses, so that the parse
+    # shares of both stages are comparable
+    eval_raw, eval_formatted, _, eval_dropped = read_prompts(cfg.eval_prompts, tok, cfg.template,
+                                                             block_size - cfg.max_new_tokens)
+    if cfg.eval_max_prompts:
+        eval_raw, eval_formatted = eval_raw[:cfg.eval_max_prompts], eval_formatted[:cfg.eval_max_prompts]
     print(f"{cfg.eval_prompts}: completing {len(eval_raw)} prompts greedily at each evaluation "
           f"({eval_dropped} longer than {block_size - cfg.max_new_tokens} tokens dropped)")
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, tokenizer {tokenizer_name!r}, context "
@@ -277,12 +262,7 @@ def main(argv=None):
             with rt.autocast:
                 _, loss = model(x, y)  # the mean over response tokens: y is -1 on prompt and padding
             scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
             loss_sum += loss.item()
             tokens += x.numel()
             interval_time += time.time() - t0

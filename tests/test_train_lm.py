@@ -1,6 +1,5 @@
 """train_lm.py end to end on a tiny dataset: exact resume, atomic checkpoints, clear errors, precision and
 compile paths, and 2-process DDP on the CPU (gloo)."""
-import json
 import os
 import subprocess
 import sys
