@@ -43,6 +43,7 @@ class Config(train_lm.Config):
     new_tokens: int = 128  # tokens generated per sequence
     sample_repeats: int = 3  # generate calls timed; the median is reported
     ppo_epochs: int = 1  # PPO epochs per iteration (--what=ppo); minibatch = the whole batch of sample_batch
+    ppo_critic: Literal["shared", "separate"] = "shared"  # 'separate': a critic model of its own, as trl's PPO has
     ppo_iters: int = 5  # timed PPO iterations, after one untimed
 
 
@@ -112,7 +113,7 @@ def bench_ppo(cfg):
                         f"--eval_prompts={os.path.join(tmp, 'prompts.jsonl')}", "--eval_max_prompts=4",
                         f"--out_dir={out}", f"--max_iters={cfg.ppo_iters + 1}", "--eval_interval=1000",
                         f"--batch_size={cfg.sample_batch}", f"--minibatch_size={cfg.sample_batch}",
-                        f"--max_new_tokens={cfg.new_tokens}", f"--ppo_epochs={cfg.ppo_epochs}",
+                        f"--max_new_tokens={cfg.new_tokens}", f"--ppo_epochs={cfg.ppo_epochs}", f"--critic={cfg.ppo_critic}",
                         f"--device={cfg.device}", f"--dtype={cfg.dtype}"])
         rows = [r for r in read_jsonl_records(os.path.join(out, "metrics.jsonl")) if "rollout_s" in r][1:]
     split = {k: statistics.median(r[k] for r in rows) for k in ("rollout_s", "score_s", "update_s")}
@@ -150,7 +151,8 @@ def main(argv=None):
         total, split, length = bench_ppo(cfg)
         results.update(ppo_s_per_iter=total, **{f"ppo_{k}": v for k, v in split.items()})
         print(f"PPO ({cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}, batch {cfg.sample_batch}, prompts of "
-              f"{cfg.prompt_len} tokens, responses of {length:.0f}, {cfg.ppo_epochs} epoch(s)): {total:.2f} s/iteration "
+              f"{cfg.prompt_len} tokens, responses of {length:.0f}, {cfg.ppo_epochs} epoch(s), {cfg.ppo_critic} critic): "
+              f"{total:.2f} s/iteration "
               f"(median of {cfg.ppo_iters}): rollout {split['rollout_s']:.2f} s, score {split['score_s']:.2f} s, "
               f"update {split['update_s']:.2f} s")
     return results

@@ -498,6 +498,30 @@ def plot_curves(path, panels, title):
     os.replace(tmp, path)
 
 
+def before_after_table(before, after, rows, stage):
+    """The measures [(label, key)] of the SFT model (before) and of the model a stage trained from it (after), as
+    a fixed-width table; a measure the before results lack (the RM score when there is no RM) is left out."""
+    lines = [f"{'':28}{'SFT (before)':>14}{f'{stage} (after)':>14}"]
+    for label, key in rows:
+        if key in before:
+            lines.append(f"{label:28}{before[key]:>14.3f}{after[key]:>14.3f}")
+    return "\n".join(lines)
+
+
+def write_before_after(out_dir, stage, intro, table, png, before, after, prompts):
+    """out_dir/report.md (the table, the curves, sample completions before and after) and before_after.json (the
+    measures). before, after: {"metrics": {...}, "completions": [greedy completions of the first prompts]}."""
+    samples = []
+    for i, (prompt, b, a) in enumerate(zip(prompts, before["completions"], after["completions"])):
+        samples.append(f"### prompt {i + 1}\n```python\n{prompt}```\nSFT (before):\n```python\n{b}\n```\n"
+                       f"{stage} (after):\n```python\n{a}\n```\n")
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(f"# {stage}: {out_dir}\n\n{intro}\n\n```\n{table}\n```\n\n![curves]({png})\n\n## Samples\n\n"
+                + "\n".join(samples))
+    with open(os.path.join(out_dir, "before_after.json"), "w") as f:
+        json.dump({"before": before["metrics"], "after": after["metrics"]}, f, indent=1)
+
+
 def format_duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
@@ -576,7 +600,9 @@ def read_preference_pairs(path):
     pairs = []
     for n, obj in read_jsonl(path):
         where = f"{path}:{n}"
-        chosen, rejected = text_field(obj, "chosen", where), text_field(obj, "rejected", where)
+        # our format may reject an empty response (saying nothing is a real, bad answer); a chosen one must say something
+        chosen = text_field(obj, "chosen", where)
+        rejected = text_field(obj, "rejected", where, allow_empty="prompt" in obj)
         if "prompt" in obj:
             prompt = text_field(obj, "prompt", where)
         else:
@@ -669,10 +695,12 @@ def function_parses(prompt, completion):
         return False
 
 
+DO_NOTHING_BODIES = ("", "pass", "...", "return", "return None")
+
+
 def is_degenerate(completion):
-    """An empty body, or one that is only 'pass' or '...': it parses, but does nothing the docstring asks."""
-    body = completion.strip()
-    return body in ("", "pass", "...")
+    """A body that does nothing the docstring asks (empty, pass, ..., a bare return): it parses all the same."""
+    return completion.strip() in DO_NOTHING_BODIES
 
 
 def gold_metrics(prompts, completions):

@@ -1,9 +1,10 @@
 """
-The whole recipe at the small scale in one command: prepare -> pretrain -> SFT -> reward model -> PPO, then a
-report with every stage's numbers and plots. Each stage is exactly the command you could type yourself; it is
+The whole recipe at the small scale in one command: prepare -> pretrain -> SFT -> comparisons of the SFT model's
+samples -> reward model -> PPO, and DPO (from the same SFT model, with no reward model), then a report with every stage's numbers and plots and SFT, PPO
+and DPO side by side on the same held-out prompts. Each stage is exactly the command you could type yourself; it is
 printed as it starts.
 
-    python pipeline.py                 # about a quarter of an hour on a laptop CPU; finished stages are skipped
+    python pipeline.py                 # about 20 minutes on a laptop CPU; finished stages are skipped
     python pipeline.py --redo=sft      # run SFT again, and every stage after it
     python pipeline.py --redo=all      # everything from scratch
 The report: out/report.md (and the table is printed at the end).
@@ -21,12 +22,13 @@ from typing import Literal
 from common import UserError, format_duration, load_config, read_jsonl_records
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-STAGE_NAMES = ("prepare", "pretrain", "sft", "rm", "ppo")
+# DPO needs only the SFT model; it runs last so that --redo=dpo runs it alone
+STAGE_NAMES = ("prepare", "pretrain", "sft", "pairs", "rm", "ppo", "dpo")
 
 
 @dataclass
 class Config:
-    redo: Literal["none", "all", "prepare", "pretrain", "sft", "rm", "ppo"] = "none"  # redo this stage and all after it
+    redo: Literal["none", "all", "prepare", "pretrain", "sft", "pairs", "rm", "ppo", "dpo"] = "none"  # it and all after
     out: str = "out"  # where the stages' out_dirs and report.md go
     tiny: bool = False  # seconds, not minutes: tiny models and data, to check that the plumbing works
 
@@ -37,7 +39,8 @@ def stages(cfg):
     data = "data/pycode" if not cfg.tiny else os.path.join(cfg.out, "data")
     out = lambda name: os.path.join(cfg.out, name)
     custom = cfg.out != "out" or cfg.tiny
-    extra = {name: ([f"--out_dir={out(name)}"] if custom else []) for name in ("lm_small", "sft_small", "rm_small", "ppo_small")}
+    extra = {name: ([f"--out_dir={out(name)}"] if custom else [])
+             for name in ("lm_small", "sft_small", "pairs_small", "rm_small", "ppo_small", "dpo_small")}
     prepare = [py, "data/pycode/prepare.py"]
     if cfg.tiny:
         prepare += [f"--out_dir={data}", "--max_files=120", "--val_every=3"]
@@ -46,21 +49,30 @@ def stages(cfg):
         files = [f"--train_file={data}/sft_train.jsonl", f"--val_file={data}/sft_val.jsonl"]
         extra["sft_small"] += files + [f"--eval_prompts={data}/prompts_eval.jsonl", "--max_iters=10",
                                        "--eval_interval=10", "--eval_max_prompts=16", "--log_interval=5"]
-        extra["rm_small"] += [f"--train_file={data}/pref_train.jsonl", f"--val_file={data}/pref_val.jsonl",
-                              "--max_iters=10", "--eval_interval=10", "--log_interval=5"]
+        extra["pairs_small"] += files + ["--max_new_tokens=32", "--samples_per_prompt=2"]
+        extra["rm_small"] += ["--max_iters=10", "--eval_interval=10", "--log_interval=5"]
         extra["ppo_small"] += [f"--prompts_file={data}/prompts_train.jsonl", f"--eval_prompts={data}/prompts_eval.jsonl",
                                "--max_iters=3", "--eval_interval=3", "--eval_max_prompts=16", "--batch_size=8",
                                "--minibatch_size=4", "--max_new_tokens=32"]
+        extra["dpo_small"] += [f"--train_file={data}/pref_train.jsonl", f"--val_file={data}/pref_val.jsonl",
+                               f"--eval_prompts={data}/prompts_eval.jsonl", "--max_iters=4", "--eval_interval=4",
+                               "--eval_max_prompts=16", "--batch_size=8", "--max_new_tokens=32", "--log_interval=2"]
     if custom:
         extra["sft_small"] += [f"--init_from={out('lm_small')}"]
-        extra["rm_small"] += [f"--init_from={out('sft_small')}"]
+        extra["pairs_small"] += [f"--init_from={out('sft_small')}"]
+        extra["rm_small"] += [f"--init_from={out('sft_small')}"] + [
+            f"--{split}_file={data}/pref_{split}.jsonl,{out('pairs_small')}/pref_{split}.jsonl" for split in ("train", "val")]
         extra["ppo_small"] += [f"--init_from={out('sft_small')}", f"--reward_model={out('rm_small')}"]
+        extra["dpo_small"] += [f"--init_from={out('sft_small')}"]
     return [
         ("prepare", prepare, os.path.join(data, "meta.json"), data),
         ("pretrain", [py, "train_lm.py", "config/lm_small.py"] + extra["lm_small"], "loss.png", out("lm_small")),
         ("sft", [py, "train_sft.py", "config/sft_small.py"] + extra["sft_small"], "sft.png", out("sft_small")),
+        ("pairs", [py, "collect_pairs.py", "config/pairs_small.py"] + extra["pairs_small"], "meta.json",
+         out("pairs_small")),
         ("rm", [py, "train_rm.py", "config/rm_small.py"] + extra["rm_small"], "rm.png", out("rm_small")),
         ("ppo", [py, "train_ppo.py", "config/ppo_small.py"] + extra["ppo_small"], "report.md", out("ppo_small")),
+        ("dpo", [py, "train_dpo.py", "config/dpo_small.py"] + extra["dpo_small"], "report.md", out("dpo_small")),
     ]
 
 
@@ -102,6 +114,12 @@ def first_record(path, key):
     return rows[0] if rows else {}
 
 
+def before_after(out_dir):
+    """A stage's before/after measures (train_ppo.py and train_dpo.py write them), or empty ones."""
+    path = os.path.join(out_dir, "before_after.json")
+    return json.load(open(path)) if os.path.exists(path) else {"before": {}, "after": {}}
+
+
 def machine():
     import torch
     cpu = platform.processor() or platform.machine()
@@ -122,8 +140,9 @@ def write_report(cfg, timings):
     sft_path = os.path.join(by_name["sft"], "metrics.jsonl")
     sft0, sft = first_record(sft_path, "parses"), last_record(sft_path, "parses")
     rm = last_record(os.path.join(by_name["rm"], "metrics.jsonl"), "val_accuracy")
-    ppo_path = os.path.join(by_name["ppo"], "before_after.json")
-    ppo = json.load(open(ppo_path)) if os.path.exists(ppo_path) else {"before": {}, "after": {}}
+    pairs_meta = os.path.join(by_name["pairs"], "meta.json")
+    pairs = json.load(open(pairs_meta)).get("train", {}) if os.path.exists(pairs_meta) else {}
+    ppo, dpo = (before_after(by_name[name]) for name in ("ppo", "dpo"))
     b, a = ppo["before"], ppo["after"]
 
     lines = ["| stage | measure | value | wall time |", "|---|---|---|---|",
@@ -131,7 +150,10 @@ def write_report(cfg, timings):
              f"| pretrain | val loss (nats/token) | {fmt(lm.get('val_loss'))} | {wall('pretrain')} |",
              f"| SFT | val response loss | {fmt(sft0.get('val_loss'))} → {fmt(sft.get('val_loss'))} | {wall('sft')} |",
              f"| SFT | completions that parse | {fmt(sft0.get('parses'))} → {fmt(sft.get('parses'))} | |",
-             f"| RM | held-out accuracy | {fmt(rm.get('val_accuracy'))} | {wall('rm')} |"]
+             f"| pairs | SFT samples the parser accepts | {fmt(pairs.get('good_share'))} | {wall('pairs')} |",
+             f"| RM | held-out accuracy, all pairs | {fmt(rm.get('val_accuracy'))} | {wall('rm')} |"]
+    for path, acc in sorted(rm.get("val_accuracy_by_file", {}).items()):
+        lines.append(f"| RM | held-out accuracy: {path} | {fmt(acc)} | |")
     for kind, acc in sorted(rm.get("val_accuracy_by_kind", {}).items()):
         lines.append(f"| RM | accuracy: {kind} | {fmt(acc)} | |")
     rows = [("RM score mean", "rm_score"), ("gold: parses", "parses"), ("degenerate", "degenerate"),
@@ -139,23 +161,38 @@ def write_report(cfg, timings):
     for i, (label, key) in enumerate(rows):
         lines.append(f"| PPO | {label}: SFT → PPO | {fmt(b.get(key))} → {fmt(a.get(key))} | "
                      f"{wall('ppo') if i == 0 else ''} |")
+    d = dpo["after"]
+    lines += [f"| DPO | held-out implicit accuracy | {fmt(d.get('val_accuracy'))} | {wall('dpo')} |",
+              f"| DPO | drift on held-out chosen (nats) | {fmt(d.get('val_drift'))} | |"]
+    for kind, acc in sorted(d.get("val_accuracy_by_kind", {}).items()):
+        lines.append(f"| DPO | implicit accuracy: {kind} | {fmt(acc)} | |")
+    # the same greedy completions of the same held-out prompts, measured the same way (train_ppo.evaluate)
+    sft_gold = b or dpo["before"]
+    side = ["| measure | SFT | PPO | DPO |", "|---|---|---|---|"]
+    for label, key in (("gold: parses", "parses"), ("degenerate", "degenerate"),
+                       ("parses and not degenerate", "parses_not_degenerate"), ("KL to SFT (nats/response)", "kl"),
+                       ("mean response tokens", "mean_length")):
+        side.append(f"| {label} | {fmt(sft_gold.get(key))} | {fmt(a.get(key))} | {fmt(d.get(key))} |")
     total = sum(timings.get(n, 0) for n in STAGE_NAMES)
     table = "\n".join(lines)
     plots = [("pretraining", "pretrain", "loss.png"), ("SFT", "sft", "sft.png"), ("reward model", "rm", "rm.png"),
-             ("PPO", "ppo", "ppo.png")]
+             ("PPO", "ppo", "ppo.png"), ("DPO", "dpo", "dpo.png")]
     sections = [f"# The RLHF recipe, small scale\n\nRun {time.strftime('%Y-%m-%d %H:%M')} on {machine()}. "
-                f"Wall time of the stages: {format_duration(total)}.\n\n## Results\n\n{table}\n\n## Curves\n"]
+                f"Wall time of the stages: {format_duration(total)}.\n\n## Results\n\n{table}\n\n"
+                f"## SFT, PPO and DPO on the held-out prompts\n\nGreedy completions of the same held-out prompts; "
+                f"the KL to the SFT model is measured on sampled ones.\n\n" + "\n".join(side) + "\n\n## Curves\n"]
     for title, stage, png in plots:
         rel = os.path.relpath(os.path.join(by_name[stage], png), cfg.out)
         sections.append(f"### {title}\n\n![{title}]({rel})\n")
-    ppo_report = os.path.join(by_name["ppo"], "report.md")
-    if os.path.exists(ppo_report):
-        text = open(ppo_report).read()
-        samples = text[text.find("## Samples"):] if "## Samples" in text else ""
-        sections.append("## Before and after PPO: sample completions" + samples[len("## Samples"):])
+    for stage, title in (("ppo", "PPO"), ("dpo", "DPO")):
+        stage_report = os.path.join(by_name[stage], "report.md")
+        if os.path.exists(stage_report):
+            text = open(stage_report).read()
+            samples = text[text.find("## Samples"):] if "## Samples" in text else ""
+            sections.append(f"## Before and after {title}: sample completions" + samples[len("## Samples"):])
     with open(os.path.join(cfg.out, "report.md"), "w") as f:
         f.write("\n".join(sections))
-    return table, total
+    return table + "\n\n" + "\n".join(side), total
 
 
 def main(argv=None):

@@ -17,7 +17,6 @@ One iteration, as the loop below reads: 1. rollout  2. score  3. per-token rewar
     python train_ppo.py config/ppo_small.py --reward=gold        # optimise the real target instead of the RM
 Every key: python train_ppo.py --help
 """
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -26,10 +25,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common import (Metrics, read_prompts, RunConfig, StopRequest, TokenBatches, UserError, complete, dataset_dir,
-                    format_duration, function_parses, gold_metrics, is_degenerate, load_checkpoint, load_config,
-                    model_from_checkpoint, pad_left, plot_curves, print_config, read_jsonl_records, rng_state,
-                    save_checkpoint, seed_everything, set_rng_state, setup_runtime)
+from common import (Metrics, read_prompts, RunConfig, StopRequest, TokenBatches, UserError, before_after_table,
+                    complete, dataset_dir, format_duration, function_parses, gold_metrics, is_degenerate,
+                    load_checkpoint, load_config, model_from_checkpoint, pad_left, plot_curves, print_config,
+                    read_jsonl_records, rng_state, save_checkpoint, seed_everything, set_rng_state, setup_runtime,
+                    write_before_after)
 from tokenizer import get_tokenizer
 from train_rm import reward_at_last_token  # the score, read at the last real token, exactly as the RM was trained
 
@@ -445,12 +445,7 @@ def main(argv=None, score_fn=None):
 def write_report(cfg, before, after, after_completions, eval_texts):
     rows = [("RM score mean", "rm_score"), ("gold: parses", "parses"), ("degenerate", "degenerate"),
             ("KL to SFT (nats/response)", "kl"), ("mean response tokens", "mean_length")]
-    b = before["metrics"]
-    lines = [f"{'':28}{'SFT (before)':>14}{'PPO (after)':>14}"]
-    for label, key in rows:
-        if key in b:
-            lines.append(f"{label:28}{b[key]:>14.3f}{after[key]:>14.3f}")
-    table = "\n".join(lines)
+    table = before_after_table(before["metrics"], after, rows, "PPO")
     records = read_jsonl_records(os.path.join(cfg.out_dir, "metrics.jsonl"))
     train = [r for r in records if "score" in r]
     evals = [r for r in records if "eval_parses" in r]
@@ -460,15 +455,9 @@ def write_report(cfg, before, after, after_completions, eval_texts):
               "gold (held-out prompts)": {"parses": series(evals, "eval_parses"),
                                           "degenerate": series(evals, "eval_degenerate")}}
     plot_curves(os.path.join(cfg.out_dir, "ppo.png"), panels, f"PPO ({cfg.reward} reward): {cfg.out_dir}")
-    samples = []
-    for i, (prompt, b_c) in enumerate(zip(eval_texts, before["completions"])):
-        samples.append(f"### prompt {i + 1}\n```python\n{prompt}```\nSFT (before):\n```python\n{b_c}\n```\n"
-                       f"PPO (after):\n```python\n{after_completions[i]}\n```\n")
-    with open(os.path.join(cfg.out_dir, "report.md"), "w") as f:
-        f.write(f"# PPO: {cfg.out_dir}\n\nreward: {cfg.reward}; {len(eval_texts)} held-out prompts, greedy completions "
-                f"(KL from sampled ones)\n\n```\n{table}\n```\n\n![curves](ppo.png)\n\n## Samples\n\n" + "\n".join(samples))
-    with open(os.path.join(cfg.out_dir, "before_after.json"), "w") as f:
-        json.dump({"before": b, "after": after}, f, indent=1)
+    write_before_after(cfg.out_dir, "PPO", f"reward: {cfg.reward}; {len(eval_texts)} held-out prompts, greedy "
+                       f"completions (KL from sampled ones)", table, "ppo.png", before,
+                       {"metrics": after, "completions": after_completions}, eval_texts)
     return table
 
 

@@ -47,13 +47,15 @@ class Config(RunConfig):
     init_from: str = "out/sft_small"  # the SFT (or pretraining) out_dir whose GPT is the backbone; 'resume'; 'gpt2'...
     max_iters: int = 300  # optimizer steps in total
     eval_interval: int = 50  # evaluate on the held-out pairs and save a checkpoint every this many steps
-    train_file: str = "data/pycode/pref_train.jsonl"  # pairs (ours or HH-RLHF), or scored examples with loss='mse'
-    val_file: str = "data/pycode/pref_val.jsonl"  # held-out data in the same format: accuracy and margin per kind
+    train_file: str = "data/pycode/pref_train.jsonl"  # pairs (ours or HH-RLHF), or scored examples with loss='mse';
+    # several files: comma-separated, e.g. the made-up pairs and collect_pairs.py's pairs of the model's own samples
+    val_file: str = "data/pycode/pref_val.jsonl"  # held-out data in the same format(s): accuracy and margin per kind
     template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
     loss: Literal["pairwise", "mse"] = "pairwise"  # 'pairwise': -log sigma(r_w - r_l); 'mse': (r - score)^2
     mismatched: bool = False  # also pair each chosen response against another prompt's chosen response (extra rows)
     margin: float = 0.0  # m in -log sigma(r_w - r_l - m): ask for the chosen response to win by at least m
     train_backbone: bool = True  # False trains the scalar head only, on the frozen features of the init model
+    frozen_layers: int = 0  # keep the embeddings and the lowest this many blocks fixed: fewer weights, faster steps
     dropout: float = 0.0  # dropout in the backbone while training
     batch_size: int = 16  # pairs per step: chosen and rejected go through the model together, 2 x batch_size rows
     eval_batch_size: int = 64  # responses per forward pass in evaluation
@@ -115,7 +117,7 @@ def pair_metrics_by_kind(r_chosen, r_rejected, kinds):
 
 def encode_pairs(pairs, tok, template, block_size):
     """Chosen and rejected token ids and the kind of each pair that fits the context; and the number dropped."""
-    chosen, rejected, kinds, prompt_len, dropped = [], [], [], [], 0
+    chosen, rejected, kinds, files, prompt_len, dropped = [], [], [], [], [], 0
     for pair in pairs:
         prompt = format_prompt(pair["prompt"], template)
         w = encode_prompt_response(tok, prompt, pair["chosen"], block_size)
@@ -126,8 +128,9 @@ def encode_pairs(pairs, tok, template, block_size):
         chosen.append(w[0] + w[1])
         rejected.append(l[0] + l[1])
         kinds.append(pair["kind"])
+        files.append(pair.get("file", ""))
         prompt_len.append(len(w[0]))
-    return {"chosen": chosen, "rejected": rejected, "kinds": kinds, "prompt_len": prompt_len}, dropped
+    return {"chosen": chosen, "rejected": rejected, "kinds": kinds, "files": files, "prompt_len": prompt_len}, dropped
 
 
 def encode_scored(examples, tok, template, block_size):
@@ -144,11 +147,15 @@ def encode_scored(examples, tok, template, block_size):
 
 
 def load_data(path, cfg, tok, block_size, split):
+    """The encoded examples of one file, or of several given as a comma-separated list."""
+    paths = [p.strip() for p in path.split(",") if p.strip()]
     if cfg.loss == "pairwise":
-        data, dropped = encode_pairs(read_preference_pairs(path), tok, cfg.template, block_size)
+        data, dropped = encode_pairs([dict(x, file=p) for p in paths for x in read_preference_pairs(p)], tok,
+                                     cfg.template, block_size)
         n, what = len(data["kinds"]), "pairs"
     else:
-        data, dropped = encode_scored(read_scored_examples(path), tok, cfg.template, block_size)
+        data, dropped = encode_scored([x for p in paths for x in read_scored_examples(p)], tok, cfg.template,
+                                      block_size)
         n, what = len(data["rows"]), "scored examples"
     print(f"{split}: {n} {what} from {path}" + (f"; dropped {dropped} longer than the context ({block_size} "
                                                   f"tokens)" if dropped else ""))
@@ -207,6 +214,9 @@ def evaluate(model, data, cfg, pad_id, rt):
         by_kind = pair_metrics_by_kind(r_w, r_l, data["kinds"])
         result = {"val_loss": pairwise_loss(r_w, r_l, cfg.margin).item(), "val_accuracy": by_kind["all"]["accuracy"],
                   "val_margin": by_kind["all"]["margin"], "by_kind": by_kind}
+        if len(set(data["files"])) > 1:  # several val files: the accuracy on each one too
+            by_file = pair_metrics_by_kind(r_w, r_l, data["files"])
+            result["val_accuracy_by_file"] = {f: m["accuracy"] for f, m in by_file.items() if f != "all"}
     else:
         r = score_rows(model, data["rows"], pad_id, cfg.eval_batch_size, rt.device, rt.autocast)
         scores = torch.tensor(data["scores"])
@@ -243,9 +253,10 @@ def train_step_loss(model, data, index, cfg, pad_id, rt):
         r = rewards_of_rows(model, rows + [row for _, row in extra], pad_id, rt.device, rt.autocast)
         r_w, r_l = r[:B], r[B:2 * B]
         accuracy = (r_w > r_l).float().mean()
-        if extra:
-            r_w = torch.cat([r_w, r_w[[k for k, _ in extra]]])
-            r_l = torch.cat([r_l, r[2 * B:]])
+        if extra:  # row (x_k, y_j) loses to (x_k, y_k), same prompt, and to (x_j, y_j), same response
+            r_m = r[2 * B:]
+            r_w = torch.cat([r_w, r_w[[k for k, _ in extra]], r_w[[(k + 1) % B for k, _ in extra]]])
+            r_l = torch.cat([r_l, r_m, r_m])
         return pairwise_loss(r_w, r_l, cfg.margin), accuracy
     r = rewards_of_rows(model, [data["rows"][i] for i in index], pad_id, rt.device, rt.autocast)
     scores = torch.tensor([data["scores"][i] for i in index], device=r.device)
@@ -282,6 +293,20 @@ def build_model(cfg):
     ckpt = load_checkpoint(cfg.init_from, hint=init_hint(cfg.init_from))
     model = model_from_checkpoint(ckpt, cfg.init_from, dropout=cfg.dropout, scalar_head=True)
     return model, None, ckpt["tokenizer"], cfg.init_from
+
+
+def is_trained(name, cfg):
+    """Whether the parameter called name learns: the scalar head always; the backbone if train_backbone, except
+    the embeddings and blocks 0..frozen_layers-1 (no gradient is computed below the lowest trained block)."""
+    if name.startswith("scalar_head"):
+        return True
+    if not cfg.train_backbone:
+        return False
+    if name.startswith("transformer.h."):
+        return int(name.split(".")[2]) >= cfg.frozen_layers
+    if name.startswith(("transformer.wte", "transformer.wpe", "lm_head")):
+        return cfg.frozen_layers == 0
+    return True  # the final LayerNorm
 
 
 def make_optimizer(model, cfg, device_type):
@@ -337,9 +362,8 @@ def main(argv=None):
 
     # ---- the model: backbone + scalar head; the data is tokenized with the backbone's own tokenizer
     model, ckpt, tokenizer_name, backbone = build_model(cfg)
-    if not cfg.train_backbone:  # a linear probe: only the scalar head learns
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("scalar_head"))
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_trained(name, cfg))
     model.to(rt.device)
     tok = get_tokenizer(tokenizer_name)
     block_size = model.config.block_size
@@ -437,6 +461,8 @@ def main(argv=None):
           f"{format_duration(time.time() - t_start)}; wrote {cfg.out_dir}/ckpt.pt, metrics.jsonl, rm.png")
     if "by_kind" in last:
         print_summary(last)
+    for path, accuracy in last.get("val_accuracy_by_file", {}).items():
+        print(f"accuracy on {path}: {accuracy:.3f}")
     return last
 
 

@@ -9,6 +9,8 @@ import random
 import numpy as np
 import pytest
 
+from common import is_degenerate
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("pycode_prepare", os.path.join(ROOT, "data", "pycode", "prepare.py"))
 prepare = importlib.util.module_from_spec(_spec)
@@ -212,7 +214,13 @@ def test_preference_pairs(run):
     for split in ("train", "val"):
         sft = [(r["prompt"], r["response"]) for r in _jsonl(out, f"sft_{split}.jsonl")]
         rows = _jsonl(out, f"pref_{split}.jsonl")
-        assert [(r["prompt"], r["chosen"]) for r in rows] == sft  # exactly one per SFT pair
+        per_function = 3 if split == "train" else 1  # the default --train_pairs_per_function; val keeps one
+        assert list(dict.fromkeys((r["prompt"], r["chosen"]) for r in rows)) == sft  # every SFT pair, in order
+        for pair in sft:
+            kinds = [r["kind"] for r in rows if (r["prompt"], r["chosen"]) == pair]
+            assert 1 <= len(kinds) <= per_function and len(set(kinds)) == len(kinds)  # a different kind each
+        if split == "train":
+            assert len(rows) > 2 * len(sft)  # most functions give several pairs
         assert meta["preference_kinds"][split] == {k: sum(r["kind"] == k for r in rows) for k in prepare.CORRUPTIONS}
         for r in rows:
             assert r["rejected"] != r["chosen"]
@@ -246,10 +254,20 @@ def test_each_corruption_does_what_its_name_says(body):
         assert s == second + first
     else:
         assert s is None
+    d = prepare.does_nothing(body, rng)
+    assert _parses(PROMPT + d) and is_degenerate(d)
     unrelated = '    return os.getcwd()\n'
     other = prepare.other_function(body, rng, pool=BODIES + [unrelated], prompt=PROMPT)
     assert other == unrelated  # the only body that uses none of the prompt's names (xs, k, Scale, ...)
     assert prepare.other_function(body, rng, pool=BODIES, prompt=PROMPT) is None
+    # a real body that ignores the arguments (names only a docstring word) leaves nothing to tell the two apart
+    assert prepare.other_function("    return Scale\n", rng, pool=[unrelated], prompt=PROMPT) is None
+
+
+def test_argument_names_come_from_the_signature_without_self():
+    prompt = 'def f(self, a, /, b=1, *c, d, **e):\n    """Doc mentioning x."""\n'
+    assert prepare.argument_names(prompt) == {"a", "b", "c", "d", "e"}
+    assert prepare.argument_names('async def g(cls):\n    """Doc."""\n') == set()
 
 
 def test_shuffled_needs_a_final_return_and_never_leaves_it_last():

@@ -208,7 +208,7 @@ def test_training_learns_an_easy_task_and_writes_checkpoint_metrics_and_plot(tin
 
 
 def test_resume_gives_exactly_the_run_without_interruption(tiny_lm, pref_files, tmp_path):
-    common = ["--eval_interval=3", "--lr_decay_iters=8", "--dropout=0.1"]  # dropout: the RNG state matters
+    common = ["--eval_interval=3", "--lr_decay_iters=8", "--dropout=0.1", "--mismatched=True"]  # dropout: RNG matters
     run_rm(tiny_lm, pref_files, tmp_path / "straight", "--max_iters=8", *common)
     run_rm(tiny_lm, pref_files, tmp_path / "split", "--max_iters=5", *common)
     run_rm(tiny_lm, pref_files, tmp_path / "split", "--max_iters=8", "--init_from=resume", *common)
@@ -220,11 +220,27 @@ def test_resume_gives_exactly_the_run_without_interruption(tiny_lm, pref_files, 
     assert a["reward_mean"] == b["reward_mean"] and a["val_accuracy"] == b["val_accuracy"]
 
 
-def test_head_only_training_leaves_the_backbone_unchanged(tiny_lm, pref_files, tmp_path):
+def test_head_only_and_frozen_layers_leave_those_weights_unchanged(tiny_lm, pref_files, tmp_path):
+    before = load_checkpoint(tiny_lm)["model"]
     run_rm(tiny_lm, pref_files, tmp_path / "probe", "--max_iters=2", "--eval_interval=2", "--train_backbone=False")
-    before, after = load_checkpoint(tiny_lm)["model"], load_checkpoint(str(tmp_path / "probe"))["model"]
+    after = load_checkpoint(str(tmp_path / "probe"))["model"]
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert "scalar_head.weight" in after
+    run_rm(tiny_lm, pref_files, tmp_path / "top", "--max_iters=2", "--eval_interval=2", "--frozen_layers=1")
+    after = load_checkpoint(str(tmp_path / "top"))["model"]
+    for k in before:
+        frozen = k.startswith(("transformer.wte", "transformer.wpe", "lm_head", "transformer.h.0."))
+        if frozen or before[k].dim() == 2:  # (a bias before the head adds the same to all rewards: no gradient)
+            assert torch.equal(before[k], after[k]) == frozen, k
+
+
+def test_mismatched_rows_pair_each_prompt_with_the_next_pairs_response():
+    data = {"chosen": [[1, 2, 10], [3, 11, 12], [4, 5, 6, 13], [7, 13]], "prompt_len": [2, 1, 3, 1]}
+    rows = train_rm.mismatched_rows(data, [0, 1, 2, 3], block_size=4)
+    # pair 0's prompt [1, 2] + pair 1's response [11, 12]; pair 1's prompt [3] + [13]; pair 2's prompt [4, 5, 6]
+    # + [13] is [4, 5, 6, 13], its own text, so left out; pair 3's prompt [7] + pair 0's response [10]
+    assert rows == [(0, [1, 2, 11, 12]), (1, [3, 13]), (3, [7, 10])]
+    assert train_rm.mismatched_rows(data, [0, 1, 2, 3], block_size=3) == [(1, [3, 13]), (3, [7, 10])]  # too long
 
 
 def test_mse_on_scored_examples(tiny_lm, tmp_path):

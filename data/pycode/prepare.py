@@ -71,6 +71,9 @@ def parse_args(argv=None):
                         "a GPU scale would use e.g. 20")
     p.add_argument("--max_tokens", type=int, default=240,
                    help="prompt+response at most this many tokens, so that with end-of-text they fit a 256 context")
+    p.add_argument("--train_pairs_per_function", type=int, default=3,
+                   help="preference pairs per training function, each of a different kind where that many apply: "
+                        "more pairs for the reward model at no cost in functions (val keeps one per function)")
     p.add_argument("--seed", type=int, default=0, help="for the preference pairs' corruptions")
     p.add_argument("--max_files", type=int, default=0, help="use only the first N files, 0 = all (quick tests)")
     args = p.parse_args(argv)
@@ -78,7 +81,8 @@ def parse_args(argv=None):
         raise SystemExit(f"prepare.py: unknown tokenizer {args.tokenizer!r}; choose one of {sorted(TOKENIZERS)}")
     if args.out_dir is None:
         args.out_dir = HERE if args.tokenizer == "byte" else os.path.join(HERE, args.tokenizer)
-    for name, low in (("val_every", 2), ("max_body_lines", 1), ("max_tokens", 1), ("max_files", 0)):
+    for name, low in (("val_every", 2), ("max_body_lines", 1), ("max_tokens", 1), ("max_files", 0),
+                      ("train_pairs_per_function", 1)):
         if getattr(args, name) < low:
             raise SystemExit(f"prepare.py: --{name} must be at least {low}, got {getattr(args, name)}")
     return args
@@ -140,8 +144,11 @@ def dedent(lines, indent):
 
 
 def is_trivial(stmt):
-    """pass, ..., raise NotImplementedError: a body made of these teaches nothing."""
+    """pass, ..., a bare return (or return None), raise NotImplementedError: a body made of these teaches nothing."""
     if isinstance(stmt, ast.Pass):
+        return True
+    if isinstance(stmt, ast.Return) and (stmt.value is None or (
+            isinstance(stmt.value, ast.Constant) and stmt.value.value is None)):
         return True
     if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and stmt.value.value is Ellipsis:
         return True
@@ -294,12 +301,26 @@ def names(text):
     return set(IDENTIFIER.findall(text)) - COMMON_NAMES
 
 
+def argument_names(prompt):
+    """The parameters of the function a prompt declares, without self/cls. A prompt (def line + docstring) is a
+    complete function on its own: the docstring is its body."""
+    try:
+        args = ast.parse(prompt).body[0].args
+    except (SyntaxError, IndexError, AttributeError):
+        return set()
+    every = args.posonlyargs + args.args + args.kwonlyargs + [a for a in (args.vararg, args.kwarg) if a]
+    return {a.arg for a in every} - COMMON_NAMES
+
+
 def other_function(body, rng, pool, prompt):
     """The body of another function of the same split, one that uses none of the names the prompt mentions
-    (arguments, words of the docstring) while the real body uses some: valid code, unrelated to the request."""
+    (arguments, words of the docstring) while the real body uses one of the arguments: valid code that ignores
+    what it was given, so plainly not an answer to this prompt."""
     wanted = names(prompt)
-    if not names(body) & wanted:
-        return None  # the real body does not visibly use the prompt either: the kind would be ambiguous here
+    if not names(body) & argument_names(prompt):
+        # the real body does not visibly use its arguments either (e.g. `self._unsupported("fileno")` for
+        # `def fileno(self)`): telling it from another function's body would be guesswork, so the kind is ambiguous
+        return None
     for _ in range(MAX_TRIES):
         rejected = rng.choice(pool)
         if rejected != body and not names(rejected) & wanted:
@@ -307,13 +328,22 @@ def other_function(body, rng, pool, prompt):
     return None
 
 
+def does_nothing(body, rng):
+    """A body that parses and does nothing: empty, pass, ..., a bare return. A policy rewarded for code that
+    parses finds these first, so the reward model has to have seen them lose."""
+    first = split_lines(body)[0]
+    indent = first[:len(first) - len(first.lstrip())]
+    return rng.choice(["", indent + "pass\n", indent + "...\n", indent + "return\n", indent + "return None\n"])
+
+
 CORRUPTIONS = {"truncated": truncated, "unbalanced": unbalanced, "bad_indent": bad_indent,
-               "shuffled": shuffled, "other_function": other_function}
+               "shuffled": shuffled, "other_function": other_function, "does_nothing": does_nothing}
 MUST_NOT_PARSE = ("truncated", "unbalanced", "bad_indent")
 
 
-def preference_pairs(pairs, rng):
-    """Exactly one preference pair per (prompt, response) pair. Returns (rows, pairs per kind, pairs skipped)."""
+def preference_pairs(pairs, rng, per_function=1):
+    """Up to per_function preference pairs per (prompt, response) pair, each rejecting with a different kind.
+    Returns (rows, pairs per kind, functions skipped because no kind applies)."""
     pool = [r for _, r in pairs]
     used, rows, skipped = Counter({kind: 0 for kind in CORRUPTIONS}), [], 0
     for prompt, chosen in pairs:
@@ -327,10 +357,10 @@ def preference_pairs(pairs, rng):
         if not options:
             skipped += 1
             continue
-        # the least used kind that applies: kinds stay balanced though some apply more often than others
-        kind = min(options, key=lambda k: (used[k], rng.random()))
-        used[kind] += 1
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": options[kind], "kind": kind})
+        # the least used kinds that apply: kinds stay balanced though some apply more often than others
+        for kind in sorted(options, key=lambda k: (used[k], rng.random()))[:per_function]:
+            used[kind] += 1
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": options[kind], "kind": kind})
     return rows, dict(used), skipped
 
 # -----------------------------------------------------------------------------
@@ -409,7 +439,7 @@ def main(argv=None):
     for split in SPLITS:
         write_jsonl(out(f"sft_{split}.jsonl"), [{"prompt": p, "response": r} for p, r in sft[split]])
         rows, kinds[split], dropped[split]["no_corruption_applies"] = preference_pairs(
-            sft[split], random.Random(f"{args.seed}:{split}"))
+            sft[split], random.Random(f"{args.seed}:{split}"), args.train_pairs_per_function if split == "train" else 1)
         write_jsonl(out(f"pref_{split}.jsonl"), rows)
         written[f"sft_{split}.jsonl"], written[f"pref_{split}.jsonl"] = len(sft[split]), len(rows)
 

@@ -1,0 +1,124 @@
+"""
+Stage 2a of the recipe: collect comparisons of the SFT model's own responses, for the reward model to learn from.
+
+InstructGPT's labelers did not rank made-up answers: they ranked several samples of the SFT model for the same
+prompt. That matters. A reward model only knows the responses it was shown; trained only on hand-made
+corruptions (data/pycode/prepare.py's pref_*.jsonl: a bracket removed, a line cut off...), it cannot tell which
+of the policy's own mistakes are mistakes, and PPO, which samples from the policy, finds that blind spot at once.
+
+So for each prompt we sample a few responses from the SFT model, as PPO will, and a labeler ranks them. Our
+labeler is a program instead of a person: a response is good if prompt + response is a function Python accepts
+(ast.parse; nothing is executed), is not empty/pass, and ends with end-of-text. Each bad sample becomes the
+rejected response of a pair whose chosen response is a good sample of the same prompt, or the real body when
+the model wrote none. Pairs have kind 'sampled', and the files have the format of prepare.py's, so train_rm.py
+reads them beside those (train_file and val_file take comma-separated lists).
+
+Run (after train_sft.py; about a minute on a 2-core laptop CPU):
+    python collect_pairs.py config/pairs_small.py
+Every key: python collect_pairs.py --help
+"""
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+from common import (RunConfig, UserError, complete, encode_prompt_response, format_duration, format_prompt,
+                    function_parses, is_degenerate, load_checkpoint, load_config, model_from_checkpoint,
+                    print_config, read_sft_examples, seed_everything, setup_runtime)
+from tokenizer import get_tokenizer
+
+
+@dataclass
+class Config(RunConfig):
+    out_dir: str = "out/pairs"  # where pref_train.jsonl, pref_val.jsonl and meta.json are written
+    init_from: str = "out/sft"  # the SFT out_dir whose samples are ranked
+    train_file: str = "data/pycode/sft_train.jsonl"  # prompts (with their real responses) for training pairs
+    val_file: str = "data/pycode/sft_val.jsonl"  # prompts for held-out pairs: the reward model never trains on them
+    template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
+    samples_per_prompt: int = 4  # responses sampled per prompt; each bad one can make a pair
+    max_pairs_per_prompt: int = 2  # at most this many pairs per prompt, so no prompt dominates
+    max_new_tokens: int = 96  # as in train_ppo.py: the responses PPO will sample
+    temperature: float = 1.0  # as in train_ppo.py's rollouts
+    batch_size: int = 64  # prompts per generate call
+
+
+def label(prompt, response, has_eot):
+    """The labeler: is this response acceptable? Only reads the text (ast.parse), never runs it."""
+    return has_eot and function_parses(prompt, response) and not is_degenerate(response)
+
+
+def ranked_pairs(prompt, reference, samples, rng, max_pairs):
+    """[(chosen, rejected)] for one prompt from its [(response, is_good)] samples: each distinct bad response
+    (an empty one too: saying nothing is a bad answer) against a good sample, or the real body if the model
+    wrote none."""
+    good = sorted({r for r, ok in samples if ok})
+    bad = sorted({r for r, ok in samples if not ok})
+    rng.shuffle(bad)
+    return [(rng.choice(good) if good else reference, r) for r in bad[:max_pairs]]
+
+
+def collect(model, tok, examples, cfg, rt, rng, generator):
+    """Sample, label and pair the responses for [(prompt, reference)]; returns (pair rows, counts)."""
+    max_prompt = model.config.block_size - cfg.max_new_tokens
+    kept = [(format_prompt(p, cfg.template), r) for p, r in examples]
+    kept = [(p, r) for p, r in kept if encode_prompt_response(tok, p, r, model.config.block_size) is not None
+            and len(tok.encode(p)) <= max_prompt]
+    prompts = [p for p, _ in kept for _ in range(cfg.samples_per_prompt)]
+    texts, rows = complete(model, tok, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size, device=rt.device,
+                           autocast=rt.autocast, greedy=False, temperature=cfg.temperature, generator=generator)
+    labels = [label(p, t, row[-1:] == [tok.eot_token]) for p, t, (_, row) in zip(prompts, texts, rows)]
+    out, k = [], cfg.samples_per_prompt
+    for i, (prompt, reference) in enumerate(kept):
+        samples = list(zip(texts[i * k:(i + 1) * k], labels[i * k:(i + 1) * k]))
+        for chosen, rejected in ranked_pairs(prompt, reference, samples, rng, cfg.max_pairs_per_prompt):
+            out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": "sampled"})
+    counts = {"prompts": len(kept), "prompts_dropped": len(examples) - len(kept), "samples": len(texts),
+              "good_share": sum(labels) / max(len(labels), 1), "pairs": len(out)}
+    return out, counts
+
+
+def write_jsonl_atomic(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    cfg = load_config(Config, argv)
+    rt = setup_runtime(cfg)
+    if rt.ddp:
+        raise UserError("collect_pairs.py runs in one process; start it with python, not torchrun")
+    print_config(cfg)
+    seed_everything(cfg.seed)
+    for name in ("samples_per_prompt", "max_pairs_per_prompt", "max_new_tokens", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    ckpt = load_checkpoint(cfg.init_from, hint="make it with `python train_sft.py config/sft_small.py`")
+    tok = get_tokenizer(ckpt["tokenizer"])
+    model = model_from_checkpoint(ckpt, cfg.init_from, dropout=0.0).to(rt.device).eval()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    t0 = time.time()
+    meta = {"config": asdict(cfg), "tokenizer": tok.name}
+    for split, path in (("train", cfg.train_file), ("val", cfg.val_file)):
+        rng = random.Random(f"{cfg.seed}:{split}")
+        generator = torch.Generator(device=rt.device).manual_seed(cfg.seed + (split == "val"))
+        rows, counts = collect(model, tok, read_sft_examples(path), cfg, rt, rng, generator)
+        write_jsonl_atomic(os.path.join(cfg.out_dir, f"pref_{split}.jsonl"), rows)
+        meta[split] = counts
+        print(f"{split}: {counts['prompts']} prompts x {cfg.samples_per_prompt} samples, "
+              f"{counts['good_share']:.1%} good -> {counts['pairs']} pairs ({format_duration(time.time() - t0)})")
+    with open(os.path.join(cfg.out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"done in {format_duration(time.time() - t0)}; wrote {cfg.out_dir}/pref_train.jsonl, pref_val.jsonl, "
+          f"meta.json")
+    return meta
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""collect_pairs.py: the labeler, how a prompt's samples become pairs, and a tiny run whose files train_rm.py reads
+beside others (a comma-separated train_file)."""
+import json
+import random
+
+import pytest
+
+import collect_pairs
+import train_lm
+import train_rm
+from common import UserError, is_degenerate, read_preference_pairs
+from conftest import write_token_dataset
+from test_rm import TINY_LM, write_jsonl
+
+PROMPT = 'def add(a, b):\n    """Sum."""\n'
+
+
+def test_the_labeler_wants_a_finished_function_python_accepts():
+    assert collect_pairs.label(PROMPT, "    return a + b\n", has_eot=True)
+    assert not collect_pairs.label(PROMPT, "    return a + b\n", has_eot=False)  # cut off by the length limit
+    assert not collect_pairs.label(PROMPT, "    return (a + b\n", has_eot=True)  # Python rejects it
+    assert not collect_pairs.label(PROMPT, "    pass\n", has_eot=True)  # parses, does nothing
+
+
+def test_each_bad_sample_is_paired_with_a_good_one_or_the_reference():
+    rng = random.Random(0)
+    samples = [("    return a + b\n", True), ("    return (a\n", False), ("    return (a\n", False),
+               ("    ret\n  x\n", False), ("   \n", False)]
+    pairs = collect_pairs.ranked_pairs(PROMPT, "    return b + a\n", samples, rng, max_pairs=5)
+    # distinct bad responses only (a blank one too), each against the good sample
+    assert sorted(pairs) == [("    return a + b\n", "   \n"), ("    return a + b\n", "    ret\n  x\n"),
+                             ("    return a + b\n", "    return (a\n")]
+    assert len(collect_pairs.ranked_pairs(PROMPT, "ref", samples, rng, max_pairs=1)) == 1
+    # no good sample: the real body is the chosen response
+    only_bad = [("    return (a\n", False)]
+    assert collect_pairs.ranked_pairs(PROMPT, "    return b + a\n", only_bad, rng, 2) == [
+        ("    return b + a\n", "    return (a\n")]
+    assert collect_pairs.ranked_pairs(PROMPT, "ref", [("    return a\n", True)], rng, 2) == []  # nothing to rank
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lm")
+    data = write_token_dataset(d / "data")
+    train_lm.main(TINY_LM + [f"--dataset={data}", f"--out_dir={d / 'lm'}", "--max_iters=2", "--eval_interval=2"])
+    return str(d / "lm")
+
+
+def test_a_tiny_run_writes_pairs_train_rm_reads_beside_other_files(tiny_sft, tmp_path):
+    examples = [{"prompt": f'def f{i}(a):\n    """Doc {i}."""\n', "response": f"    return a + {i}\n"} for i in range(6)]
+    sft = write_jsonl(tmp_path / "sft.jsonl", examples)
+    out = tmp_path / "pairs"
+    meta = collect_pairs.main([f"--init_from={tiny_sft}", f"--out_dir={out}", f"--train_file={sft}",
+                               f"--val_file={sft}", "--samples_per_prompt=3", "--max_new_tokens=8", "--device=cpu"])
+    assert meta["train"]["prompts"] == 6 and meta["train"]["samples"] == 18
+    pairs = read_preference_pairs(str(out / "pref_train.jsonl"))
+    assert len(pairs) == meta["train"]["pairs"] > 0  # an untrained model's 8 random bytes are never a function
+    assert all(p["kind"] == "sampled" and p["prompt"] in {e["prompt"] for e in examples} for p in pairs)
+    assert json.loads((out / "meta.json").read_text())["val"]["pairs"] > 0
+    made_up = write_jsonl(tmp_path / "made_up.jsonl", [{"prompt": PROMPT, "chosen": "    return a + b\n",
+                                                        "rejected": "    return (a\n", "kind": "unbalanced"}] * 4)
+    result = train_rm.main([f"--init_from={tiny_sft}", f"--out_dir={tmp_path / 'rm'}", "--device=cpu",
+                            f"--train_file={made_up},{out / 'pref_train.jsonl'}", f"--val_file={made_up},"
+                            f"{out / 'pref_val.jsonl'}", "--max_iters=1", "--eval_interval=1", "--batch_size=4"])
+    assert set(result["by_kind"]) == {"unbalanced", "sampled", "all"}
+    assert set(result["val_accuracy_by_file"]) == {made_up, str(out / "pref_val.jsonl")}
+
+
+def test_bad_settings_are_clear_errors(tiny_sft, tmp_path):
+    with pytest.raises(UserError, match="samples_per_prompt must be at least 1"):
+        collect_pairs.main([f"--init_from={tiny_sft}", f"--out_dir={tmp_path}", "--samples_per_prompt=0"])
+    with pytest.raises(UserError, match="train_sft.py"):
+        collect_pairs.main([f"--init_from={tmp_path / 'nothing'}", f"--out_dir={tmp_path}"])
+
+
+def test_an_empty_rejected_response_is_read_and_do_nothing_bodies_are_degenerate(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": PROMPT, "chosen": "    return a + b\n", "rejected": ""}])
+    assert read_preference_pairs(path)[0]["rejected"] == ""
+    for body in ("", "  pass\n", "    ...\n", "    return\n", "    return None\n"):
+        assert is_degenerate(body) and not collect_pairs.label(PROMPT, body, has_eot=True)
+    assert not is_degenerate("    return a\n")
