@@ -170,6 +170,11 @@ def response_logprobs(model, seqs, attn, prompt_len, temperature, with_values=Fa
     return logprobs, values, entropy
 
 
+def response_values(critic, seqs, attn, prompt_len):
+    """V(s_t) for each response token (B, R) from a separate critic: its value head only, no language-model head."""
+    return critic.scalar(critic.hidden_states(seqs, attn)[:, prompt_len - 1:-1]).float()
+
+
 def response_mask(responses, eot_token):
     """1 on response tokens up to and including the first end-of-text, 0 after it."""
     is_eot = (responses == eot_token).long()
@@ -353,7 +358,7 @@ def main(argv=None, score_fn=None):
             with torch.no_grad(), rt.autocast:
                 logprobs, values, _ = response_logprobs(policy, seqs, attn, P, cfg.temperature, with_values=shared)
                 if critic is not None:
-                    values = response_logprobs(critic, seqs, attn, P, cfg.temperature, with_values=True)[1]
+                    values = response_values(critic, seqs, attn, P)
                 ref_logprobs, _, _ = response_logprobs(ref, seqs, attn, P, cfg.temperature)
                 if score_fn is not None:
                     scores = score_fn([prompts[i] for i in pick], responses, mask).float().to(rt.device)
@@ -383,8 +388,7 @@ def main(argv=None, score_fn=None):
                             policy, seqs[mb], attn[mb], P, cfg.temperature, with_values=shared,
                             with_entropy=cfg.entropy_coef > 0)
                         if critic is not None:
-                            new_values = response_logprobs(critic, seqs[mb], attn[mb], P, cfg.temperature,
-                                                           with_values=True)[1]
+                            new_values = response_values(critic, seqs[mb], attn[mb], P)
                     pg_loss, clipfrac, approx_kl = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mask[mb],
                                                                cfg.clip_range)
                     vf_loss = value_loss(new_values, values[mb], returns[mb], mask[mb], cfg.clip_range_value)

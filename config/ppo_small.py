@@ -12,11 +12,13 @@ ppo_epochs = 2
 max_new_tokens = 96
 temperature = 0.7  # rollouts (and their log-probs) at 0.7: samples nearer the greedy completions we are judged on
 learning_rate = 1e-4
-kl_coef = 0.05
+kl_coef = 0.1  # beta: the reward model is a proxy, and the penalty keeps the policy where it can judge
 score_norm = True
 missing_eot_penalty = -1.0
 device = "cpu"
-# measured from the same SFT model and reward model (parses on 220 held-out prompts, SFT 0.832; 40 iterations):
-# kl 0.05 at temperature 1.0: 0.877 at iteration 20, 0.864 at 40; kl 0.1: 0.964, 0.964 (1 degenerate);
-# this config: 0.959, 0.959 (none degenerate). kl 0.05 with lr 2e-4, or kl 0.02 with 4 epochs: the reward
-# model's blind spots win (parses 0.40 and 0.09 while its score climbs): reward over-optimisation.
+# tried (parses of greedy completions of 220 held-out prompts at iterations 20 and 40; 2 epochs, lr 1e-4):
+# from an SFT model at 0.832: kl 0.05 at temperature 1.0: 0.877, 0.864; kl 0.1 at 1.0: 0.964, 0.964 (1 degenerate);
+# kl 0.05 at 0.7: 0.959, 0.959. kl 0.05 with lr 2e-4, or kl 0.02 with 4 epochs: the reward model's blind spots
+# win (parses 0.40 and 0.09 while its score climbs): reward over-optimisation.
+# From the pipeline's SFT model at 0.827: kl 0.05 at 0.7: 0.959 (1 degenerate), 0.900; kl 0.1 at 1.0: 0.936,
+# 0.950; this config (kl 0.1 at 0.7): 0.968, 0.977, none degenerate.

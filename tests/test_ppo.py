@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_ppo
-from common import read_jsonl_records, save_checkpoint
+from common import load_checkpoint, read_jsonl_records, save_checkpoint
 from model import GPT, GPTConfig
 from train_ppo import (AdaptiveKLController, gae_advantages, kl_penalized_rewards, masked_mean, masked_whiten,
                        policy_loss, response_logprobs, response_mask, value_loss)
@@ -183,3 +183,23 @@ def test_ppo_resume_is_exact(tmp_path):
     b = [r for r in read_jsonl_records(tmp_path / "b" / "metrics.jsonl") if "score" in r]
     keys = ("score", "kl", "beta", "policy_loss", "value_loss")
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+
+
+def test_a_separate_critic_starts_from_the_reward_model_and_learns_alongside(tmp_path):
+    sft = make_policy_checkpoint(tmp_path / "sft")
+    torch.manual_seed(1)
+    rm = GPT(GPTConfig(block_size=48, vocab_size=257, n_layer=2, n_head=2, n_embd=32, scalar_head=True))
+    save_checkpoint(str(tmp_path / "rm" / "ckpt.pt"), {"stage": "rm", "model_args": vars(rm.config),
+                                                      "model": rm.state_dict(), "tokenizer": "byte"})
+    seqs, attn = torch.randint(0, 256, (2, 10)), torch.ones(2, 10, dtype=torch.long)
+    by_head = train_ppo.response_values(rm, seqs, attn, 4)
+    assert torch.allclose(by_head, train_ppo.response_logprobs(rm, seqs, attn, 4, 1.0, with_values=True)[1])
+    prompts = toy_prompts(tmp_path / "prompts.jsonl", 8)
+    score = lambda texts, responses, mask: (responses[:, 0] % 2 == 0).float()
+    train_ppo.main([f"--init_from={sft}", f"--reward_model={tmp_path / 'rm'}", "--critic=separate",
+                    f"--out_dir={tmp_path / 'ppo'}", f"--prompts_file={prompts}", f"--eval_prompts={prompts}",
+                    "--max_iters=2", "--eval_interval=2", "--batch_size=4", "--minibatch_size=4",
+                    "--max_new_tokens=6", "--device=cpu"], score_fn=score)
+    critic = load_checkpoint(str(tmp_path / "ppo"))["critic"]
+    assert set(critic) == set(rm.state_dict())  # the critic is a model of the reward model's shape...
+    assert not torch.equal(critic["scalar_head.weight"], rm.state_dict()["scalar_head.weight"])  # ...that learnt
