@@ -26,9 +26,9 @@ from typing import Literal
 
 import torch
 
-from common import (RunConfig, UserError, complete, encode_prompt_response, format_duration, format_prompt,
-                    function_parses, is_degenerate, load_checkpoint, load_config, model_from_checkpoint,
-                    print_config, read_sft_examples, seed_everything, setup_runtime)
+from common import (complete, encode_prompt_response, format_duration, format_prompt, function_parses,
+                    is_degenerate, load_checkpoint, model_from_checkpoint, read_sft_examples, RunConfig,
+                    start_single_process, UserError)
 from tokenizer import get_tokenizer
 
 
@@ -90,12 +90,7 @@ def write_jsonl_atomic(path, rows):
 
 
 def main(argv=None):
-    cfg = load_config(Config, argv)
-    rt = setup_runtime(cfg)
-    if rt.ddp:
-        raise UserError("collect_pairs.py runs in one process; start it with python, not torchrun")
-    print_config(cfg)
-    seed_everything(cfg.seed)
+    cfg, rt = start_single_process(Config, argv, "collect_pairs.py")
     for name in ("samples_per_prompt", "max_pairs_per_prompt", "max_new_tokens", "batch_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"{name} must be at least 1, got {getattr(cfg, name)}")

@@ -202,6 +202,18 @@ def setup_runtime(cfg):
     return Runtime(device, device_type, dtype, autocast, ddp, rank, local_rank, world_size)
 
 
+def start_single_process(config_class, argv, script):
+    """The start of a one-process stage: its config (files, then --key=value), the device, the config printed,
+    every RNG seeded. Returns (cfg, runtime)."""
+    cfg = load_config(config_class, argv)
+    rt = setup_runtime(cfg)
+    if rt.ddp:
+        raise UserError(f"{script} runs in one process; start it with python, not torchrun")
+    print_config(cfg)
+    seed_everything(cfg.seed)
+    return cfg, rt
+
+
 def grad_scaler(runtime):
     """float16 gradients underflow without scaling the loss up first; bf16 and fp32 need no scaler."""
     return torch.amp.GradScaler(runtime.device_type, enabled=runtime.dtype == "float16")

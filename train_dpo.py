@@ -41,10 +41,10 @@ import torch
 from torch.nn import functional as F
 
 import train_ppo
-from common import (Metrics, RunConfig, StopRequest, UserError, before_after_table, cosine_lr, format_duration,
-                    grad_scaler, load_checkpoint, load_config, model_from_checkpoint, optimizer_step, plot_curves,
-                    print_config, read_jsonl_records, read_preference_pairs, read_prompts, rng_state, save_checkpoint,
-                    seed_everything, set_rng_state, setup_runtime, write_before_after)
+from common import (before_after_table, cosine_lr, format_duration, grad_scaler, load_checkpoint, Metrics,
+                    model_from_checkpoint, optimizer_step, plot_curves, read_jsonl_records, read_preference_pairs,
+                    read_prompts, rng_state, RunConfig, save_checkpoint, set_rng_state, start_single_process,
+                    StopRequest, UserError, write_before_after)
 from tokenizer import get_tokenizer
 from train_rm import batch_indices, encode_pairs, pair_metrics_by_kind, pairwise_loss
 from train_sft import sft_batch
@@ -237,12 +237,7 @@ def plot(cfg, path):
 # --------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg = load_config(Config, argv)
-    rt = setup_runtime(cfg)
-    if rt.ddp:
-        raise UserError("train_dpo.py runs in one process; start it with python, not torchrun")
-    print_config(cfg)
-    seed_everything(cfg.seed)
+    cfg, rt = start_single_process(Config, argv, "train_dpo.py")
 
     # ---- the two models, both the SFT model at the start: the policy (trained) and the reference (frozen)
     ckpt, sft_source = None, cfg.init_from

@@ -25,11 +25,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common import (Metrics, read_prompts, RunConfig, StopRequest, TokenBatches, UserError, before_after_table,
-                    complete, dataset_dir, format_duration, function_parses, gold_metrics, is_degenerate,
-                    load_checkpoint, load_config, model_from_checkpoint, pad_left, plot_curves, print_config,
-                    read_jsonl_records, rng_state, save_checkpoint, seed_everything, set_rng_state, setup_runtime,
-                    write_before_after)
+from common import (before_after_table, complete, dataset_dir, format_duration, function_parses, gold_metrics,
+                    is_degenerate, load_checkpoint, Metrics, model_from_checkpoint, pad_left, plot_curves,
+                    read_jsonl_records, read_prompts, rng_state, RunConfig, save_checkpoint, set_rng_state,
+                    start_single_process, StopRequest, TokenBatches, UserError, write_before_after)
 from tokenizer import get_tokenizer
 from train_rm import reward_at_last_token  # the score, read at the last real token, exactly as the RM was trained
 
@@ -238,12 +237,7 @@ def batch_rows(rows, pad_id, device):
 def main(argv=None, score_fn=None):
     """score_fn(prompt texts, response ids, response mask) -> scores, when given, replaces the reward model
     (the tests use a toy reward with a known optimum)."""
-    cfg = load_config(Config, argv)
-    rt = setup_runtime(cfg)
-    if rt.ddp:
-        raise UserError("train_ppo.py runs in one process; start it with python, not torchrun")
-    print_config(cfg)
-    seed_everything(cfg.seed)
+    cfg, rt = start_single_process(Config, argv, "train_ppo.py")
 
     # ---- the four models: policy (trained), critic (trained), reference (frozen SFT), reward model (frozen)
     resuming = cfg.init_from == "resume"

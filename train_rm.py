@@ -33,10 +33,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common import (optimizer_step, Metrics, RunConfig, StopRequest, UserError, cosine_lr, encode_prompt_response, format_duration,
-                    format_prompt, grad_scaler, load_checkpoint, load_config, model_from_checkpoint, pad_right,
-                    plot_curves, print_config, read_jsonl_records, read_preference_pairs, read_scored_examples,
-                    rng_state, save_checkpoint, seed_everything, set_rng_state, setup_runtime)
+from common import (cosine_lr, encode_prompt_response, format_duration, format_prompt, grad_scaler,
+                    load_checkpoint, Metrics, model_from_checkpoint, optimizer_step, pad_right, plot_curves,
+                    read_jsonl_records, read_preference_pairs, read_scored_examples, rng_state, RunConfig,
+                    save_checkpoint, set_rng_state, start_single_process, StopRequest, UserError)
 from model import GPT
 from tokenizer import get_tokenizer
 
@@ -353,12 +353,7 @@ def plot(cfg, path):
 
 
 def main(argv=None):
-    cfg = load_config(Config, argv)
-    rt = setup_runtime(cfg)
-    if rt.ddp:
-        raise UserError("train_rm.py runs in one process; start it with python, not torchrun")
-    print_config(cfg)
-    seed_everything(cfg.seed)
+    cfg, rt = start_single_process(Config, argv, "train_rm.py")
 
     # ---- the model: backbone + scalar head; the data is tokenized with the backbone's own tokenizer
     model, ckpt, tokenizer_name, backbone = build_model(cfg)

@@ -32,10 +32,10 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from common import (optimizer_step, read_prompts, Metrics, RunConfig, StopRequest, UserError, complete, cosine_lr,
-                    encode_prompt_response, format_duration, format_prompt, gold_metrics, grad_scaler, init_model,
-                    load_config, pad_right, plot_curves, print_config, read_jsonl_records, read_sft_examples,
-                    rng_state, save_checkpoint, seed_everything, set_rng_state, setup_runtime)
+from common import (complete, cosine_lr, encode_prompt_response, format_duration, format_prompt, gold_metrics,
+                    grad_scaler, init_model, Metrics, optimizer_step, pad_right, plot_curves, read_jsonl_records,
+                    read_prompts, read_sft_examples, rng_state, RunConfig, save_checkpoint, set_rng_state,
+                    start_single_process, StopRequest, UserError)
 from tokenizer import get_tokenizer
 
 
@@ -161,12 +161,7 @@ def describe(m):
 # --------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg = load_config(Config, argv)
-    rt = setup_runtime(cfg)
-    if rt.ddp:
-        raise UserError("train_sft.py runs in one process; start it with python, not torchrun")
-    print_config(cfg)
-    seed_everything(cfg.seed)
+    cfg, rt = start_single_process(Config, argv, "train_sft.py")
 
     # ---- model: the pretrained LM (or the SFT run to resume); its tokenizer is the one the data is encoded with
     if cfg.init_from == "scratch":

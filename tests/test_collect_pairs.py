@@ -6,11 +6,9 @@ import random
 import pytest
 
 import collect_pairs
-import train_lm
 import train_rm
 from common import UserError, is_degenerate, read_preference_pairs
-from conftest import write_token_dataset
-from test_rm import TINY_LM, write_jsonl
+from test_rm import tiny_lm, write_jsonl  # noqa: F401  (tiny_lm: a fixture, a tiny trained GPT)
 
 PROMPT = 'def add(a, b):\n    """Sum."""\n'
 
@@ -38,19 +36,11 @@ def test_each_bad_sample_is_paired_with_a_good_one_or_the_reference():
     assert collect_pairs.ranked_pairs(PROMPT, "ref", [("    return a\n", True)], rng, 2) == []  # nothing to rank
 
 
-@pytest.fixture(scope="module")
-def tiny_sft(tmp_path_factory):
-    d = tmp_path_factory.mktemp("lm")
-    data = write_token_dataset(d / "data")
-    train_lm.main(TINY_LM + [f"--dataset={data}", f"--out_dir={d / 'lm'}", "--max_iters=2", "--eval_interval=2"])
-    return str(d / "lm")
-
-
-def test_a_tiny_run_writes_pairs_train_rm_reads_beside_other_files(tiny_sft, tmp_path):
+def test_a_tiny_run_writes_pairs_train_rm_reads_beside_other_files(tiny_lm, tmp_path):
     examples = [{"prompt": f'def f{i}(a):\n    """Doc {i}."""\n', "response": f"    return a + {i}\n"} for i in range(6)]
     sft = write_jsonl(tmp_path / "sft.jsonl", examples)
     out = tmp_path / "pairs"
-    meta = collect_pairs.main([f"--init_from={tiny_sft}", f"--out_dir={out}", f"--train_file={sft}",
+    meta = collect_pairs.main([f"--init_from={tiny_lm}", f"--out_dir={out}", f"--train_file={sft}",
                                f"--val_file={sft}", "--samples_per_prompt=3", "--max_new_tokens=8", "--device=cpu"])
     assert meta["train"]["prompts"] == 6 and meta["train"]["samples"] == 18
     pairs = read_preference_pairs(str(out / "pref_train.jsonl"))
@@ -59,16 +49,16 @@ def test_a_tiny_run_writes_pairs_train_rm_reads_beside_other_files(tiny_sft, tmp
     assert json.loads((out / "meta.json").read_text())["val"]["pairs"] > 0
     made_up = write_jsonl(tmp_path / "made_up.jsonl", [{"prompt": PROMPT, "chosen": "    return a + b\n",
                                                         "rejected": "    return (a\n", "kind": "unbalanced"}] * 4)
-    result = train_rm.main([f"--init_from={tiny_sft}", f"--out_dir={tmp_path / 'rm'}", "--device=cpu",
+    result = train_rm.main([f"--init_from={tiny_lm}", f"--out_dir={tmp_path / 'rm'}", "--device=cpu",
                             f"--train_file={made_up},{out / 'pref_train.jsonl'}", f"--val_file={made_up},"
                             f"{out / 'pref_val.jsonl'}", "--max_iters=1", "--eval_interval=1", "--batch_size=4"])
     assert set(result["by_kind"]) == {"unbalanced", "sampled", "all"}
     assert set(result["val_accuracy_by_file"]) == {made_up, str(out / "pref_val.jsonl")}
 
 
-def test_bad_settings_are_clear_errors(tiny_sft, tmp_path):
+def test_bad_settings_are_clear_errors(tiny_lm, tmp_path):
     with pytest.raises(UserError, match="samples_per_prompt must be at least 1"):
-        collect_pairs.main([f"--init_from={tiny_sft}", f"--out_dir={tmp_path}", "--samples_per_prompt=0"])
+        collect_pairs.main([f"--init_from={tiny_lm}", f"--out_dir={tmp_path}", "--samples_per_prompt=0"])
     with pytest.raises(UserError, match="train_sft.py"):
         collect_pairs.main([f"--init_from={tmp_path / 'nothing'}", f"--out_dir={tmp_path}"])
 

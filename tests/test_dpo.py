@@ -9,10 +9,11 @@ import torch
 from torch.nn import functional as F
 
 import train_dpo
-from common import UserError, load_checkpoint, read_jsonl_records, save_checkpoint
+from common import UserError, load_checkpoint, read_jsonl_records, save_checkpoint, setup_runtime
 from model import GPT, GPTConfig
 from train_dpo import dpo_loss, implicit_reward, pair_stats, sequence_logprob
 from train_sft import sft_batch
+from test_rm import easy_pairs, write_jsonl  # the same synthetic pairs train_rm.py's tests learn
 
 
 def tiny_model():
@@ -110,7 +111,7 @@ def test_reference_logprobs_are_computed_once_for_the_pairs_read_and_match_a_fre
     model = tiny_model()
     data = {"chosen": [p + r for p, r in EXAMPLES], "rejected": [p + r[::-1] for p, r in EXAMPLES],
             "prompt_len": [len(p) for p, _ in EXAMPLES], "kinds": ["a", "b", "c"]}
-    rt = train_dpo.setup_runtime(train_dpo.Config(device="cpu"))
+    rt = setup_runtime(train_dpo.Config(device="cpu"))
     calls = []
     model.register_forward_hook(lambda m, inp, out: calls.append(inp[0].size(0)))
     known = train_dpo.logprobs_of_pairs(model, data, [[2, 0], [0, 2]], 256, rt)
@@ -125,26 +126,6 @@ def test_reference_logprobs_are_computed_once_for_the_pairs_read_and_match_a_fre
 
 # --------------------------------------------------------------------------------------------------------------
 # end to end, from a tiny model
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for row in rows:
-            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
-    return str(path)
-
-
-def easy_pairs(n, seed):
-    """'def up_...' should return 1 and 'def down_...' 0: learnt in a few steps, but only by reading the prompt."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        name = "".join(chr(97 + c) for c in torch.randint(26, (3,), generator=g).tolist())
-        kind = ["up", "down"][i % 2]
-        good, bad = ("1", "0") if kind == "up" else ("0", "1")
-        rows.append({"prompt": f"def {kind}_{name}():\n", "chosen": f"    return {good}\n",
-                     "rejected": f"    return {bad}\n", "kind": kind})
-    return rows
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
