@@ -10,6 +10,7 @@ comment each; a config file (Python) overrides some; `--key=value` on the comman
 """
 import ast
 import contextlib
+import ctypes
 import dataclasses
 import difflib
 import inspect
@@ -167,8 +168,24 @@ class Runtime:
         return self.rank == 0  # the one process that prints, evaluates and writes files
 
 
+def reuse_freed_memory():
+    """Ask glibc's malloc to keep freed blocks of up to 32 MB (its limit) for reuse instead of returning them to the
+    kernel. By default a freed activation of a few MB goes back to the OS, and the next step's tensor of the same
+    size is page-faulted in again and zero-filled: on a CPU that was a third of a transformer's forward pass."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library (musl): leave it alone
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
 def setup_runtime(cfg):
     """Pick the device and precision; under torchrun, join the process group (NCCL on GPUs, gloo on CPUs)."""
+    reuse_freed_memory()
     ddp = int(os.environ.get("RANK", -1)) != -1
     device = cfg.device
     if device == "auto":

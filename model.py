@@ -15,7 +15,6 @@ reward from its scalar head, train_ppo.py samples from it with `generate` and tr
     out = model.generate(idx, max_new_tokens=50, temperature=0.8, top_k=40, eot_token=256)
     gpt2 = GPT.from_pretrained('gpt2')            # or a local Hugging Face directory
 """
-import inspect
 import json
 import math
 import os
@@ -40,14 +39,30 @@ class GPTConfig:
     scalar_head: bool = False  # add a Linear(n_embd, 1) on the hidden states: a value or reward head
 
 
+class Linear(nn.Linear):
+    """nn.Linear, except for a product with only a few rows of input on a CPU (one token per sequence while
+    generating): that runs as (W x^T)^T. Same numbers; MKL computes x W^T with few rows 2-3x slower than the
+    transposed product, and that was most of the time of every generation step. The result is a transposed view,
+    which the next layer's (W x^T) reads as it is."""
+
+    def forward(self, x):
+        rows = x.numel() // x.size(-1)
+        if x.device.type != "cpu" or rows > 32:
+            return super().forward(x)
+        y = (self.weight @ x.reshape(rows, -1).t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], -1)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
@@ -71,9 +86,9 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's own GELU ('gelu_new'), needed to match its weights
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -137,7 +152,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying: the same matrix maps token -> vector at the input and vector -> token scores at the
         # output; it saves vocab_size x n_embd parameters and works as well or better (Press & Wolf, 2017)
         self.transformer.wte.weight = self.lm_head.weight
@@ -200,6 +215,15 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    def token_logprobs(self, hidden, targets):
+        """log softmax(lm_head(hidden))[target] for each position: hidden (..., n_embd), targets (...) -> (...).
+
+        The same numbers as F.log_softmax(self.lm_head(hidden), -1).gather(-1, targets), without ever holding the
+        (positions, vocab) log-softmax: see TokenLogprobs. PPO needs log pi(a|s) of one token per position, and at
+        a 50k vocabulary the full log-softmax and its gradient cost as much as the rest of the step."""
+        out = TokenLogprobs.apply(hidden.reshape(-1, hidden.size(-1)), self.lm_head.weight, targets.reshape(-1))
+        return out.view(targets.shape)
+
     def scalar(self, hidden):
         """The scalar head: one number per position, (B, T). A value V(s_t) in PPO, a reward in train_rm.py."""
         if self.scalar_head is None:
@@ -212,14 +236,15 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, attention_mask=None, temperature=1.0, top_k=None, top_p=None,
                  greedy=False, num_beams=1, eot_token=None, crop_prompt=False, use_cache=True, generator=None,
-                 return_logprobs=False):
+                 return_logprobs=False, return_values=False):
         """Continue each row of idx (B, T) by up to max_new_tokens tokens.
 
         Rows may be left-padded: attention_mask (B, T) marks real tokens with 1. A row stops at eot_token and
         is filled with eot_token afterwards; the loop ends when every row has stopped, after max_new_tokens, or
         when the context (block_size) is full. Returns (B, T + n) token ids; with return_logprobs also (B, n)
         log-probabilities of the chosen tokens under the distribution they were drawn from (after temperature,
-        top-k and top-p; 0 after a row stopped), which PPO stores as log pi_old.
+        top-k and top-p; 0 after a row stopped), which PPO stores as log pi_old; with return_values also (B, n)
+        the scalar head's value of the state each token was chosen in (0 after a row stopped), PPO's V(s_t).
         """
         B, T = idx.shape
         block_size = self.config.block_size
@@ -233,37 +258,43 @@ class GPT(nn.Module):
             T = keep
         max_new_tokens = min(max_new_tokens, block_size - T)  # never run past the context
         if num_beams > 1:
-            if return_logprobs:
-                raise ValueError("return_logprobs is not available with beam search")
+            if return_logprobs or return_values:
+                raise ValueError("return_logprobs and return_values are not available with beam search")
             return self._beam_search(idx, max_new_tokens, num_beams, attention_mask, eot_token)
 
         cache = KVCache(self.config.n_layer, T + max_new_tokens) if use_cache else None
         mask = attention_mask
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        out, logprobs = [idx], []
+        out, logprobs, values = [idx], [], []
         next_input = idx
         for _ in range(max_new_tokens):
             if use_cache:
                 h = self.hidden_states(next_input, mask, cache)[:, -1]  # first call: the prompt; then one token
             else:
                 h = self.hidden_states(torch.cat(out, dim=1), mask)[:, -1]  # re-runs the whole prefix
-            logits = self.lm_head(h).float()
+            logits = self.lm_head(h).float().contiguous()  # one row per sequence, as the sampler reads it
             token, logprob = sample_next_token(logits, temperature, top_k, top_p, greedy, generator)
+            value = self.scalar(h).float() if return_values else None
             if eot_token is not None:
                 token = torch.where(done, eot_token, token)
                 logprob = torch.where(done, 0.0, logprob)
+                value = torch.where(done, 0.0, value) if return_values else None
                 done = done | (token == eot_token)
             out.append(token[:, None])
             logprobs.append(logprob[:, None])
+            values.append(value)
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             if done.all():
                 break
             next_input = token[:, None]
         tokens = torch.cat(out, dim=1)
+        extras = []
         if return_logprobs:
-            return tokens, torch.cat(logprobs, dim=1) if logprobs else idx.new_zeros(B, 0, dtype=torch.float)
-        return tokens
+            extras.append(torch.cat(logprobs, dim=1) if logprobs else idx.new_zeros(B, 0, dtype=torch.float))
+        if return_values:
+            extras.append(torch.stack(values, dim=1) if values else idx.new_zeros(B, 0, dtype=torch.float))
+        return (tokens, *extras) if extras else tokens
 
     def _beam_search(self, idx, max_new_tokens, num_beams, attention_mask, eot_token):
         """Keep the num_beams highest-scoring continuations (score = sum of token log-probs); return the best."""
@@ -311,8 +342,8 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if use_fused else {}))
+        # fused: the whole update in one pass over the parameters instead of a loop of small ops (6x faster on a CPU)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cpu", "cuda"))
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token, forward + backward (PaLM paper, appendix B): 6N + 12 * L * H * Q * T."""
@@ -364,6 +395,45 @@ class GPT(nn.Module):
         return model
 
 
+class TokenLogprobs(torch.autograd.Function):
+    """log p(target) = logit[target] - logsumexp(logits) with logits = hidden @ weight^T, one slice of the
+    vocabulary at a time: the logsumexp of the whole row is accumulated across slices, and the backward turns
+    each stored slice of logits into its gradient, d log p / d logit = onehot - softmax. Computed in float32.
+    A slice (positions x columns) stays under ~24 MB, which the allocator reuses step after step."""
+
+    slice_elements = 6 << 20  # floats in one slice of logits: 24 MB
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        h, w = hidden.float(), weight.float()
+        cols = max(1, TokenLogprobs.slice_elements // max(1, h.size(0)))
+        logsumexp = h.new_full((h.size(0),), float("-inf"))
+        slices = []
+        for start in range(0, w.size(0), cols):
+            logits = h @ w[start:start + cols].t()
+            logsumexp = torch.logaddexp(logsumexp, torch.logsumexp(logits, dim=-1))  # log(e^a + e^b), stably
+            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                slices.append(logits)  # kept for the backward: recomputing them would cost another matmul
+        ctx.save_for_backward(h, w, targets, logsumexp)
+        ctx.cols, ctx.slices, ctx.dtypes = cols, slices, (hidden.dtype, weight.dtype)
+        return (h * w[targets]).sum(-1) - logsumexp  # logit of the target: a dot product with its row of weight
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, w, targets, logsumexp = ctx.saved_tensors
+        g = grad_out.float()
+        # the logit[target] term: d/dh = weight[target], d/dweight[target] = h
+        grad_h = g[:, None] * w[targets]
+        grad_w = torch.zeros_like(w)
+        grad_w.index_add_(0, targets, g[:, None] * h)
+        # the -logsumexp term: d/dlogits = -softmax, slice by slice
+        for logits, start in zip(ctx.slices, range(0, w.size(0), ctx.cols)):
+            minus_softmax = (logits - logsumexp[:, None]).exp_().mul_(-g[:, None])
+            grad_h.addmm_(minus_softmax, w[start:start + ctx.cols])
+            grad_w[start:start + ctx.cols].addmm_(minus_softmax.t(), h)
+        return grad_h.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None
+
+
 def _causal_mask(attention_mask, T, past, device):
     """Boolean (B or 1, 1, T, past + T) mask: query t may attend to key s if s <= past + t and s is not padding."""
     q = torch.arange(past, past + T, device=device)[:, None]
@@ -408,13 +478,16 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, greedy=Fa
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:
         logits = top_p_filter(logits, top_p)
-    logp = F.log_softmax(logits, dim=-1)
     # inverse-transform sampling: one uniform number per row, located in the cumulative distribution. It is exact,
-    # and at a 50k vocabulary much cheaper on a CPU than torch.multinomial or one random number per token
-    cdf = logp.exp().cumsum(dim=-1)
-    u = torch.rand(logp.size(0), 1, device=logp.device, generator=generator) * cdf[:, -1:]
-    token = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=logp.size(-1) - 1)
-    return token, logp.gather(-1, token[:, None]).squeeze(-1)
+    # and at a 50k vocabulary much cheaper on a CPU than torch.multinomial or one random number per token.
+    # The distribution is left unnormalised (exp(logit - max)); its total is the normaliser of the log-prob.
+    top = logits.max(dim=-1, keepdim=True).values
+    cdf = (logits - top).exp_().cumsum_(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(logits.size(0), 1, device=logits.device, generator=generator) * total
+    token = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.size(-1) - 1)
+    logprob = logits.gather(-1, token) - top - total.log()  # log softmax(logits)[token]
+    return token.squeeze(-1), logprob.squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -161,16 +161,18 @@ def response_logprobs(model, seqs, attn, prompt_len, temperature, with_values=Fa
     """log pi(y_t | s_t) for each response token (B, R), from one forward pass over prompt + response; the value
     head, when asked, reads the same hidden states: V(s_t) is the value before token t is chosen."""
     hidden = model.hidden_states(seqs, attn)[:, prompt_len - 1:-1]  # the states that predict response tokens
-    logits = model.lm_head(hidden).float() / temperature  # the sampling distribution's temperature, always
-    logp_all = F.log_softmax(logits, dim=-1)
-    logprobs = logp_all.gather(-1, seqs[:, prompt_len:, None]).squeeze(-1)
+    # the sampling distribution's temperature, always: lm_head(h) / T = lm_head(h / T), and h is much smaller
+    logprobs = model.token_logprobs(hidden / temperature, seqs[:, prompt_len:])
     values = model.scalar(hidden).float() if with_values else None
-    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    entropy = None
+    if with_entropy:  # needs the whole distribution at every position
+        logp_all = F.log_softmax(model.lm_head(hidden / temperature).float(), dim=-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logprobs, values, entropy
 
 
 def response_values(critic, seqs, attn, prompt_len):
-    """V(s_t) for each response token (B, R) from a separate critic: its value head only, no language-model head."""
+    """V(s_t) for each response token (B, R): the critic's value head only, no language-model head."""
     return critic.scalar(critic.hidden_states(seqs, attn)[:, prompt_len - 1:-1]).float()
 
 
@@ -276,7 +278,7 @@ def main(argv=None, score_fn=None):
     params = [p for m in trained for p in m.parameters()]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=cfg.learning_rate, betas=(0.9, 0.95))
+                                  lr=cfg.learning_rate, betas=(0.9, 0.95), fused=rt.device_type in ("cpu", "cuda"))
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     start_iter = 0
     if ckpt is not None:
@@ -331,7 +333,7 @@ def main(argv=None, score_fn=None):
 
             t0 = time.time()
             # ---- 1. rollout: sample responses with plain temperature sampling (no top-k/top-p), so that the
-            # log-probs computed below are those of the distribution the tokens were drawn from
+            # log-probs kept with them, log pi_old, are those of the distribution the tokens were drawn from
             cpu_generator.manual_seed(cfg.seed * 100_003 + it)  # rollouts are a pure function of (seed, iteration)
             generator.manual_seed(cfg.seed * 100_003 + it)
             pick = torch.randint(len(prompts), (cfg.batch_size,), generator=cpu_generator).tolist()
@@ -339,8 +341,10 @@ def main(argv=None, score_fn=None):
             prompt_batch, prompt_mask = prompt_batch.to(rt.device), prompt_mask.to(rt.device)
             policy.eval()
             with torch.no_grad(), rt.autocast:
-                seqs = policy.generate(prompt_batch, cfg.max_new_tokens, attention_mask=prompt_mask,
-                                       temperature=cfg.temperature, eot_token=tok.eot_token, generator=generator)
+                # the shared critic's values V(s_t) come from the same pass: the value head reads the policy's states
+                seqs, logprobs, *rollout_values = policy.generate(
+                    prompt_batch, cfg.max_new_tokens, attention_mask=prompt_mask, temperature=cfg.temperature,
+                    eot_token=tok.eot_token, generator=generator, return_logprobs=True, return_values=shared)
             P = prompt_batch.size(1)
             responses = seqs[:, P:]
             mask = response_mask(responses, tok.eot_token)
@@ -348,11 +352,9 @@ def main(argv=None, score_fn=None):
             has_eot = (responses == tok.eot_token).any(dim=1)
             t1 = time.time()
 
-            # ---- 2. score each response, and the log-probs/values the update needs (no gradients)
+            # ---- 2. score each response, and the values and reference log-probs the update needs (no gradients)
             with torch.no_grad(), rt.autocast:
-                logprobs, values, _ = response_logprobs(policy, seqs, attn, P, cfg.temperature, with_values=shared)
-                if critic is not None:
-                    values = response_values(critic, seqs, attn, P)
+                values = rollout_values[0] if shared else response_values(critic, seqs, attn, P)
                 ref_logprobs, _, _ = response_logprobs(ref, seqs, attn, P, cfg.temperature)
                 if score_fn is not None:
                     scores = score_fn([prompts[i] for i in pick], responses, mask).float().to(rt.device)

@@ -318,9 +318,8 @@ def make_optimizer(model, cfg, device_type):
     groups = [{"params": [p for p in body if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_mult": 1.0},
               {"params": [p for p in body if p.dim() < 2], "weight_decay": 0.0, "lr_mult": 1.0},
               {"params": head, "weight_decay": 0.0, "lr_mult": cfg.head_lr_mult}]
-    fused = {"fused": True} if device_type == "cuda" else {}
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             **fused)
+                             fused=device_type in ("cpu", "cuda"))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ train_file = "data/pycode/pref_train.jsonl"
 val_file = "data/pycode/pref_val.jsonl"  # held-out pairs: implicit accuracy per kind
 batch_size = 16  # pairs: 32 rows per forward pass
 max_iters = 150  # 150 x 16 = 2,400 pairs: the reference's log-probs are computed for these only
-eval_interval = 75  # each evaluation: the held-out pairs + the gold measure on 220 prompts, about 20 s
+eval_interval = 150  # before and after: the held-out pairs + the gold measure on 220 prompts, ~20 s each
 log_interval = 10
 max_new_tokens = 96  # the same limit (and so the same eval prompts) as train_sft.py and train_ppo.py
 # tried with 150 steps, on an earlier version of the pairs (3,756, five kinds; SFT parses 0.830): plain DPO at

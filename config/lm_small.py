@@ -9,7 +9,7 @@ block_size = 256
 dropout = 0.0
 batch_size = 16
 gradient_accumulation_steps = 1
-max_iters = 850  # 850 steps x 4,096 tokens = 3.5M tokens
+max_iters = 650  # 650 steps x 4,096 tokens = 2.7M tokens
 eval_interval = 100
 eval_iters = 10
 log_interval = 25

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, read_safetensors, sample_next_token, top_k_filter, top_p_filter
+from model import (GPT, GPTConfig, Linear, TokenLogprobs, read_safetensors, sample_next_token, top_k_filter,
+                   top_p_filter)
 
 
 def tiny(vocab=37, block=32, **kw):
@@ -132,6 +133,49 @@ def test_returned_logprobs_are_those_of_the_sampling_distribution():
         step_logits = top_k_filter(logits[:, 4 + t] / 0.7, 10)
         expected = F.log_softmax(step_logits, -1).gather(-1, out[:, 5 + t, None]).squeeze(-1)
         assert torch.allclose(logprobs[:, t], expected, atol=1e-5)
+
+
+def test_returned_values_are_the_scalar_head_on_a_fresh_forward_pass_and_zero_after_end_of_text():
+    model = tiny(scalar_head=True)
+    idx = torch.randint(0, 36, (16, 5))
+    g = torch.Generator().manual_seed(3)
+    out, logprobs, values = model.generate(idx, 20, temperature=1.5, eot_token=36, generator=g,
+                                           return_logprobs=True, return_values=True)
+    n = out.size(1) - 5
+    assert logprobs.shape == values.shape == (16, n)
+    with torch.no_grad():
+        fresh = model.scalar(model.hidden_states(out))[:, 4:4 + n]  # the state before each new token
+    stopped_before = (out[:, 5:] == 36).long().cumsum(1) - (out[:, 5:] == 36).long() > 0
+    assert stopped_before.any(), "the test needs a row that stops early"
+    assert torch.allclose(values[~stopped_before], fresh[~stopped_before], atol=1e-5)
+    assert torch.all(values[stopped_before] == 0)
+
+
+def test_token_logprobs_equal_log_softmax_in_value_and_gradient(monkeypatch):
+    monkeypatch.setattr(TokenLogprobs, "slice_elements", 40)  # 20 rows -> slices of 2 columns: many, one partial
+    model = tiny()
+    x = torch.randint(0, 37, (2, 10))
+    hidden = model.hidden_states(x)
+    targets = torch.randint(0, 37, (2, 10))
+    weights = torch.randn(2, 10)  # an arbitrary upstream gradient
+
+    ours = model.token_logprobs(hidden, targets)
+    ours_grads = torch.autograd.grad((ours * weights).sum(), model.parameters(), retain_graph=True)
+    reference = F.log_softmax(model.lm_head(hidden), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    reference_grads = torch.autograd.grad((reference * weights).sum(), model.parameters())
+
+    assert torch.allclose(ours, reference, atol=1e-5)
+    for a, b in zip(ours_grads, reference_grads):  # includes the tied embedding, which gets both paths' gradients
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gives_the_same_result_for_few_and_many_rows(bias):
+    torch.manual_seed(0)
+    layer = Linear(16, 40, bias=bias)
+    for shape in [(3, 16), (2, 1, 16), (8, 12, 16)]:  # few rows take the transposed product, many the plain one
+        x = torch.randn(shape)
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-6)
 
 
 def test_top_k_keeps_exactly_the_k_largest():

@@ -113,24 +113,26 @@ def test_adaptive_kl_controller_moves_beta_the_right_way():
     assert ctl.beta == pytest.approx(0.1)
 
 
-def test_stored_rollout_logprobs_equal_a_fresh_forward_pass():
+def test_stored_rollout_logprobs_and_values_equal_a_fresh_forward_pass():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=32)).eval()
+    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=32, scalar_head=True)).eval()
     prompts = torch.randint(0, 49, (4, 6))
     attn = torch.ones_like(prompts)
     attn[1, :3] = 0  # a left-padded row
     gen = torch.Generator().manual_seed(0)
-    seqs, sampled_logprobs = model.generate(prompts, 12, attention_mask=attn, temperature=0.7, eot_token=49,
-                                            generator=gen, return_logprobs=True)
+    seqs, sampled_logprobs, sampled_values = model.generate(prompts, 12, attention_mask=attn, temperature=0.7,
+                                                            eot_token=49, generator=gen, return_logprobs=True,
+                                                            return_values=True)
     mask = response_mask(seqs[:, 6:], 49)
     full_attn = torch.cat([attn, mask.long()], dim=1)
     with torch.no_grad():
-        fresh, _, _ = response_logprobs(model, seqs, full_attn, 6, temperature=0.7)
+        fresh, fresh_values, _ = response_logprobs(model, seqs, full_attn, 6, temperature=0.7, with_values=True)
     assert torch.allclose(fresh * mask, sampled_logprobs * mask, atol=1e-5)
-    # so the first PPO ratio is exactly 1 where the update recomputes the same forward pass
-    with torch.no_grad():
-        again, _, _ = response_logprobs(model, seqs, full_attn, 6, temperature=0.7)
-    assert torch.equal(torch.exp(again - fresh) * mask, mask)
+    assert torch.allclose(fresh_values * mask, sampled_values * mask, atol=1e-5)
+    # PPO keeps the rollout's log-probs as log pi_old: its first ratio pi / pi_old is 1 up to float rounding,
+    # so the first minibatch clips nothing
+    _, clipfrac, approx_kl = policy_loss(fresh, sampled_logprobs, torch.randn_like(fresh), mask, clip_range=1e-3)
+    assert clipfrac.item() == 0.0 and abs(approx_kl.item()) < 1e-8
 
 
 def make_policy_checkpoint(directory, vocab=257):
