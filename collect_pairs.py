@@ -44,6 +44,7 @@ class Config(RunConfig):
     max_new_tokens: int = 96  # as in train_ppo.py: the responses PPO will sample
     temperature: float = 1.0  # as in train_ppo.py's rollouts
     batch_size: int = 64  # prompts per generate call
+    empty_pairs: bool = True  # also, for every training prompt, a good response against the empty one (kind 'empty')
 
 
 def label(prompt, response, has_eot):
@@ -61,8 +62,10 @@ def ranked_pairs(prompt, reference, samples, rng, max_pairs):
     return [(rng.choice(good) if good else reference, r) for r in bad[:max_pairs]]
 
 
-def collect(model, tok, examples, cfg, rt, rng, generator):
-    """Sample, label and pair the responses for [(prompt, reference)]; returns (pair rows, counts)."""
+def collect(model, tok, examples, cfg, rt, rng, generator, empty_pairs=False):
+    """Sample, label and pair the responses for [(prompt, reference)]; returns (pair rows, counts).
+    empty_pairs: also a pair (a good response, the empty one) for every prompt. Saying nothing is the cheapest
+    response to score with, and PPO finds it for the prompts where the reward model never saw it lose."""
     max_prompt = model.config.block_size - cfg.max_new_tokens
     kept = [(format_prompt(p, cfg.template), r) for p, r in examples]
     kept = [(p, r) for p, r in kept if encode_prompt_response(tok, p, r, model.config.block_size) is not None
@@ -76,6 +79,10 @@ def collect(model, tok, examples, cfg, rt, rng, generator):
         samples = list(zip(texts[i * k:(i + 1) * k], labels[i * k:(i + 1) * k]))
         for chosen, rejected in ranked_pairs(prompt, reference, samples, rng, cfg.max_pairs_per_prompt):
             out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": "sampled"})
+        if empty_pairs and "" not in {r for r, _ in samples}:
+            good = sorted({r for r, ok in samples if ok})
+            out.append({"prompt": prompt, "chosen": rng.choice(good) if good else reference, "rejected": "",
+                        "kind": "empty"})
     counts = {"prompts": len(kept), "prompts_dropped": len(examples) - len(kept), "samples": len(texts),
               "good_share": sum(labels) / max(len(labels), 1), "pairs": len(out)}
     return out, counts
@@ -103,7 +110,9 @@ def main(argv=None):
     for split, path in (("train", cfg.train_file), ("val", cfg.val_file)):
         rng = random.Random(f"{cfg.seed}:{split}")
         generator = torch.Generator(device=rt.device).manual_seed(cfg.seed + (split == "val"))
-        rows, counts = collect(model, tok, read_sft_examples(path), cfg, rt, rng, generator)
+        # the empty pairs are for training only: held-out pairs stay the model's own samples
+        rows, counts = collect(model, tok, read_sft_examples(path), cfg, rt, rng, generator,
+                               empty_pairs=cfg.empty_pairs and split == "train")
         write_jsonl_atomic(os.path.join(cfg.out_dir, f"pref_{split}.jsonl"), rows)
         meta[split] = counts
         print(f"{split}: {counts['prompts']} prompts x {cfg.samples_per_prompt} samples, "

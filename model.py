@@ -264,36 +264,45 @@ class GPT(nn.Module):
 
         cache = KVCache(self.config.n_layer, T + max_new_tokens) if use_cache else None
         mask = attention_mask
+        new_tokens = idx.new_full((B, max_new_tokens), eot_token if eot_token is not None else 0)
+        logprobs = torch.zeros(B, max_new_tokens, device=idx.device)
+        values = torch.zeros(B, max_new_tokens, device=idx.device)
+        rows = torch.arange(B, device=idx.device)  # the rows still being computed
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        out, logprobs, values = [idx], [], []
-        next_input = idx
-        for _ in range(max_new_tokens):
+        next_input, n = idx, 0
+        for n in range(1, max_new_tokens + 1):
             if use_cache:
                 h = self.hidden_states(next_input, mask, cache)[:, -1]  # first call: the prompt; then one token
             else:
-                h = self.hidden_states(torch.cat(out, dim=1), mask)[:, -1]  # re-runs the whole prefix
+                h = self.hidden_states(torch.cat([idx, new_tokens[:, :n - 1]], dim=1), mask)[:, -1]  # whole prefix
             logits = self.lm_head(h).float().contiguous()  # one row per sequence, as the sampler reads it
             token, logprob = sample_next_token(logits, temperature, top_k, top_p, greedy, generator)
-            value = self.scalar(h).float() if return_values else None
             if eot_token is not None:
                 token = torch.where(done, eot_token, token)
                 logprob = torch.where(done, 0.0, logprob)
-                value = torch.where(done, 0.0, value) if return_values else None
+            new_tokens[rows, n - 1] = token
+            logprobs[rows, n - 1] = logprob
+            if return_values:
+                values[rows, n - 1] = torch.where(done, 0.0, self.scalar(h).float())
+            if eot_token is not None:
                 done = done | (token == eot_token)
-            out.append(token[:, None])
-            logprobs.append(logprob[:, None])
-            values.append(value)
+                if done.all():
+                    break
+                if use_cache and done.sum() * 4 >= len(done):
+                    # a quarter of the rows have ended: stop computing them (their outputs stay end-of-text)
+                    keep = (~done).nonzero().squeeze(1)
+                    rows, done, token = rows[keep], done[keep], token[keep]
+                    mask = mask[keep] if mask is not None else None
+                    cache.reorder(keep)
             if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            if done.all():
-                break
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             next_input = token[:, None]
-        tokens = torch.cat(out, dim=1)
+        tokens = torch.cat([idx, new_tokens[:, :n]], dim=1)
         extras = []
         if return_logprobs:
-            extras.append(torch.cat(logprobs, dim=1) if logprobs else idx.new_zeros(B, 0, dtype=torch.float))
+            extras.append(logprobs[:, :n])
         if return_values:
-            extras.append(torch.stack(values, dim=1) if values else idx.new_zeros(B, 0, dtype=torch.float))
+            extras.append(values[:, :n])
         return (tokens, *extras) if extras else tokens
 
     def _beam_search(self, idx, max_new_tokens, num_beams, attention_mask, eot_token):

@@ -45,8 +45,14 @@ def test_a_tiny_run_writes_pairs_train_rm_reads_beside_other_files(tiny_lm, tmp_
     assert meta["train"]["prompts"] == 6 and meta["train"]["samples"] == 18
     pairs = read_preference_pairs(str(out / "pref_train.jsonl"))
     assert len(pairs) == meta["train"]["pairs"] > 0  # an untrained model's 8 random bytes are never a function
-    assert all(p["kind"] == "sampled" and p["prompt"] in {e["prompt"] for e in examples} for p in pairs)
-    assert json.loads((out / "meta.json").read_text())["val"]["pairs"] > 0
+    assert all(p["prompt"] in {e["prompt"] for e in examples} for p in pairs)
+    # and for training, one (chosen, empty) pair per prompt: the random model's samples are never empty
+    empty = [p for p in pairs if p["kind"] == "empty"]
+    assert len(empty) == 6 and all(p["rejected"] == "" and p["chosen"] for p in empty)
+    assert {p["kind"] for p in pairs} == {"sampled", "empty"}
+    val_pairs = read_preference_pairs(str(out / "pref_val.jsonl"))
+    assert len(val_pairs) == json.loads((out / "meta.json").read_text())["val"]["pairs"] > 0
+    assert {p["kind"] for p in val_pairs} == {"sampled"}  # held out: the model's own samples only
     made_up = write_jsonl(tmp_path / "made_up.jsonl", [{"prompt": PROMPT, "chosen": "    return a + b\n",
                                                         "rejected": "    return (a\n", "kind": "unbalanced"}] * 4)
     result = train_rm.main([f"--init_from={tiny_lm}", f"--out_dir={tmp_path / 'rm'}", "--device=cpu",
