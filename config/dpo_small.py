@@ -1,12 +1,12 @@
-# DPO on the pycode preference pairs, from the small SFT model: about 2 minutes on a 2-core laptop CPU.
+# DPO on the pycode preference pairs, from the small SFT model: about 1.5 minutes on a 2-core laptop CPU.
 # python train_dpo.py config/dpo_small.py        (after train_sft.py config/sft_small.py; no reward model needed)
 out_dir = "out/dpo_small"
 init_from = "out/sft_small"  # the policy and the frozen reference both start here
 train_file = "data/pycode/pref_train.jsonl"
 val_file = "data/pycode/pref_val.jsonl"  # held-out pairs: implicit accuracy per kind
 batch_size = 16  # pairs: 32 rows per forward pass
-max_iters = 100  # 100 x 16 = 1,600 pairs: the reference's log-probs are computed for these only
-eval_interval = 100  # before and after: the held-out pairs + the gold measure on 220 prompts, ~20 s each
+max_iters = 60  # 60 x 16 = 960 pairs: the reference's log-probs are computed for these only
+eval_interval = 60  # before and after: the held-out pairs + the gold measure on 220 prompts, ~20 s each
 log_interval = 10
 max_new_tokens = 96  # the same limit (and so the same eval prompts) as train_sft.py and train_ppo.py
 # tried with 150 steps, on an earlier version of the pairs (3,756, five kinds; SFT parses 0.830): plain DPO at

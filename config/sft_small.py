@@ -6,7 +6,7 @@ init_from = "out/lm_small"
 template = "none"  # the prompt (a def line and a docstring) already asks for a body
 batch_size = 16
 max_iters = 240  # 240 x 16 = 3,840 examples, about 3 epochs of the 1,343 demonstrations
-eval_interval = 120  # each evaluation: loss on 251 examples + 223 greedy completions, 5-20 s
+eval_interval = 240  # before and after: loss on the val examples + 220 greedy completions, ~10 s each
 log_interval = 20
 eval_max_prompts = 0  # all 223 eval prompts that fit the context with 96 new tokens
 max_new_tokens = 96  # the same limit (and so the same eval prompts) as train_ppo.py
