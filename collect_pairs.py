@@ -13,7 +13,7 @@ rejected response of a pair whose chosen response is a good sample of the same p
 the model wrote none. Pairs have kind 'sampled', and the files have the format of prepare.py's, so train_rm.py
 reads them beside those (train_file and val_file take comma-separated lists).
 
-Run (after train_sft.py; about a minute on a 2-core laptop CPU):
+Run (after train_sft.py; about 2 minutes on a 2-core laptop CPU):
     python collect_pairs.py config/pairs_small.py
 Every key: python collect_pairs.py --help
 """

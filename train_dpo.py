@@ -24,7 +24,7 @@ loss, the implicit reward accuracy (how often r(x, y_w) > r(x, y_l)), the margin
 drift from the reference (the log-ratio log pi/pi_ref of the chosen responses); before, during and after
 training, the same gold measure as train_ppo.py on the same held-out prompts (report.md, dpo.png).
 
-Run (after train_sft.py; about 6 minutes on one core of a laptop CPU; no reward model needed):
+Run (after train_sft.py; about 2 minutes on a 2-core laptop CPU; no reward model needed):
     python train_dpo.py config/dpo_small.py
     python sample.py --out_dir=out/dpo_small --start=FILE:prompt.txt --greedy=True
 Anthropic HH-RLHF pairs {"chosen", "rejected"} (full texts) are read too:

@@ -1,4 +1,4 @@
-# Pretrain a small byte-level GPT on the Python standard library: about 6 minutes on a 2-core laptop CPU.
+# Pretrain a small byte-level GPT on the Python standard library: about 6-7 minutes on a 2-core laptop CPU.
 # python data/pycode/prepare.py && python train_lm.py config/lm_small.py
 out_dir = "out/lm_small"
 dataset = "pycode"  # byte tokenizer: 257 tokens, so the model's time goes into its Transformer blocks

@@ -1,4 +1,4 @@
-# Comparisons of the small SFT model's own samples, ranked by the parser, for the reward model: about a minute.
+# Comparisons of the small SFT model's own samples, ranked by the parser, for the reward model: about 2 minutes.
 # python collect_pairs.py config/pairs_small.py        (after train_sft.py config/sft_small.py)
 out_dir = "out/pairs_small"
 init_from = "out/sft_small"

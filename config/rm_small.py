@@ -1,4 +1,4 @@
-# Reward model on the pycode preference pairs, from the small SFT model: about 4 minutes on a 2-core laptop CPU.
+# Reward model on the pycode preference pairs, from the small SFT model: about 3 minutes on a 2-core laptop CPU.
 # python train_rm.py config/rm_small.py    (after train_sft.py config/sft_small.py and collect_pairs.py config/pairs_small.py)
 out_dir = "out/rm_small"
 init_from = "out/sft_small"  # any out_dir of this project works (e.g. out/lm_small): they share the layout
