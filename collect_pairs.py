@@ -28,7 +28,7 @@ import torch
 
 from common import (complete, encode_prompt_response, format_duration, format_prompt, function_parses,
                     is_degenerate, load_checkpoint, model_from_checkpoint, read_sft_examples, RunConfig,
-                    start_single_process, UserError)
+                    start_single_process, UserError, write_atomic, write_jsonl)
 from tokenizer import get_tokenizer
 
 
@@ -88,14 +88,6 @@ def collect(model, tok, examples, cfg, rt, rng, generator, empty_pairs=False):
     return out, counts
 
 
-def write_jsonl_atomic(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     cfg, rt = start_single_process(Config, argv, "collect_pairs.py")
     for name in ("samples_per_prompt", "max_pairs_per_prompt", "max_new_tokens", "batch_size"):
@@ -113,12 +105,11 @@ def main(argv=None):
         # the empty pairs are for training only: held-out pairs stay the model's own samples
         rows, counts = collect(model, tok, read_sft_examples(path), cfg, rt, rng, generator,
                                empty_pairs=cfg.empty_pairs and split == "train")
-        write_jsonl_atomic(os.path.join(cfg.out_dir, f"pref_{split}.jsonl"), rows)
+        write_jsonl(os.path.join(cfg.out_dir, f"pref_{split}.jsonl"), rows)
         meta[split] = counts
         print(f"{split}: {counts['prompts']} prompts x {cfg.samples_per_prompt} samples, "
               f"{counts['good_share']:.1%} good -> {counts['pairs']} pairs ({format_duration(time.time() - t0)})")
-    with open(os.path.join(cfg.out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    write_atomic(os.path.join(cfg.out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
     print(f"done in {format_duration(time.time() - t0)}; wrote {cfg.out_dir}/pref_train.jsonl, pref_val.jsonl, "
           f"meta.json")
     return meta

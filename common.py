@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 import typing
@@ -339,6 +340,17 @@ def load_checkpoint(path, hint=None):
     return ckpt
 
 
+def resume_checkpoint(out_dir, stage, what):
+    """out_dir/ckpt.pt of an earlier run of this stage, for init_from='resume'; returns (path, checkpoint).
+    A checkpoint another stage wrote there is an error that says so: what names this stage's runs ('DPO run')."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(path, hint="init_from='resume' continues a run in out_dir; start one with "
+                                      "init_from=<an SFT out_dir> first")
+    if ckpt.get("stage") != stage:
+        raise UserError(f"{path} is a {ckpt.get('stage')!r} checkpoint, not a {what}'s; use another out_dir")
+    return path, ckpt
+
+
 def clean_state_dict(state_dict):
     """Strip the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add to parameter names."""
     out = {}
@@ -525,6 +537,26 @@ def plot_curves(path, panels, title):
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def write_atomic(path, write):
+    """Write through a temp file in the same directory, then rename: an interrupted run never leaves a half file.
+    write(f) writes the contents to a binary file object."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
+def write_jsonl(path, rows):
+    """One JSON object per line, UTF-8, written atomically."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def before_after_table(before, after, rows, stage):

@@ -43,8 +43,8 @@ from torch.nn import functional as F
 import train_ppo
 from common import (before_after_table, cosine_lr, format_duration, grad_scaler, load_checkpoint, Metrics,
                     model_from_checkpoint, optimizer_step, plot_curves, read_jsonl_records, read_preference_pairs,
-                    read_prompts, rng_state, RunConfig, save_checkpoint, set_rng_state, start_single_process,
-                    StopRequest, UserError, write_before_after)
+                    read_prompts, resume_checkpoint, rng_state, RunConfig, save_checkpoint, set_rng_state,
+                    start_single_process, StopRequest, UserError, write_before_after)
 from tokenizer import get_tokenizer
 from train_rm import batch_indices, encode_pairs, pair_metrics_by_kind, pairwise_loss
 from train_sft import sft_batch
@@ -245,11 +245,7 @@ def main(argv=None):
         raise UserError("DPO fine-tunes an SFT model: set init_from to an SFT out_dir (e.g. out/sft_small, made by "
                         "`python train_sft.py config/sft_small.py`) or 'resume'")
     if cfg.init_from == "resume":
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-        ckpt = load_checkpoint(path, hint="init_from='resume' continues a run in out_dir; start one with "
-                                          "init_from=<an SFT out_dir> first")
-        if ckpt.get("stage") != "dpo":
-            raise UserError(f"{path} is a {ckpt.get('stage')!r} checkpoint, not a DPO run's; use another out_dir")
+        path, ckpt = resume_checkpoint(cfg.out_dir, "dpo", "DPO run")
         if ckpt["template"] != cfg.template:
             raise UserError(f"{path} was trained with template={ckpt['template']!r}, not {cfg.template!r}; resume "
                             f"with the same template or use a new out_dir")

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from common import (before_after_table, complete, dataset_dir, format_duration, function_parses, gold_metrics,
                     is_degenerate, load_checkpoint, Metrics, model_from_checkpoint, pad_left, plot_curves,
-                    read_jsonl_records, read_prompts, rng_state, RunConfig, save_checkpoint, set_rng_state,
-                    start_single_process, StopRequest, TokenBatches, UserError, write_before_after)
+                    read_jsonl_records, read_prompts, resume_checkpoint, rng_state, RunConfig, save_checkpoint,
+                    set_rng_state, start_single_process, StopRequest, TokenBatches, UserError, write_before_after)
 from tokenizer import get_tokenizer
 from train_rm import reward_at_last_token  # the score, read at the last real token, exactly as the RM was trained
 
@@ -246,7 +246,7 @@ def main(argv=None, score_fn=None):
     sft_source = cfg.init_from
     ckpt = None
     if resuming:
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), hint="start a run with init_from=<SFT out_dir>")
+        _, ckpt = resume_checkpoint(cfg.out_dir, "ppo", "PPO run")
         sft_source = ckpt["config"]["init_from"]
     hint = "make it with `python train_sft.py config/sft_small.py`"
     sft_ckpt = load_checkpoint(sft_source, hint=hint)

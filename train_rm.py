@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from common import (cosine_lr, encode_prompt_response, format_duration, format_prompt, grad_scaler,
                     load_checkpoint, Metrics, model_from_checkpoint, optimizer_step, pad_right, plot_curves,
-                    read_jsonl_records, read_preference_pairs, read_scored_examples, rng_state, RunConfig,
-                    save_checkpoint, set_rng_state, start_single_process, StopRequest, UserError)
+                    read_jsonl_records, read_preference_pairs, read_scored_examples, resume_checkpoint, rng_state,
+                    RunConfig, save_checkpoint, set_rng_state, start_single_process, StopRequest, UserError)
 from model import GPT
 from tokenizer import get_tokenizer
 
@@ -280,11 +280,7 @@ def init_hint(init_from):
 def build_model(cfg):
     """(model, this stage's checkpoint when resuming or None, tokenizer name, where the backbone came from)."""
     if cfg.init_from == "resume":
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-        ckpt = load_checkpoint(path, hint="init_from='resume' continues a run in out_dir; start one with "
-                                          "init_from=<an SFT out_dir> first")
-        if ckpt.get("stage") != "rm":
-            raise UserError(f"{path} is a {ckpt.get('stage')!r} checkpoint, not a reward model's; use another out_dir")
+        path, ckpt = resume_checkpoint(cfg.out_dir, "rm", "reward model")
         model = model_from_checkpoint(ckpt, path, dropout=cfg.dropout, scalar_head=True)
         return model, ckpt, ckpt["tokenizer"], ckpt.get("backbone", "?")
     if cfg.init_from.startswith("gpt2") and not os.path.isdir(cfg.init_from) or \

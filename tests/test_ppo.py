@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_ppo
-from common import load_checkpoint, read_jsonl_records, save_checkpoint
+from common import load_checkpoint, read_jsonl_records, save_checkpoint, UserError
 from model import GPT, GPTConfig
 from train_ppo import (AdaptiveKLController, gae_advantages, kl_penalized_rewards, masked_mean, masked_whiten,
                        policy_loss, response_logprobs, response_mask, value_loss)
@@ -185,6 +185,11 @@ def test_ppo_resume_is_exact(tmp_path):
     b = [r for r in read_jsonl_records(tmp_path / "b" / "metrics.jsonl") if "score" in r]
     keys = ("score", "kl", "beta", "policy_loss", "value_loss")
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+
+    # an out_dir holding another stage's checkpoint cannot be resumed as PPO
+    with pytest.raises(UserError, match="is a 'sft' checkpoint, not a PPO run's"):
+        train_ppo.main(common + ["--init_from=resume", f"--out_dir={tmp_path / 'sft'}", "--max_iters=4"],
+                       score_fn=score)
 
 
 def test_a_separate_critic_starts_from_the_reward_model_and_learns_alongside(tmp_path):

@@ -33,7 +33,6 @@ import random
 import re
 import sys
 import sysconfig
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -41,7 +40,8 @@ from collections import Counter
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for tokenizer.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for tokenizer.py and common.py
+from common import write_atomic, write_jsonl  # noqa: E402
 from tokenizer import TOKENIZERS, get_tokenizer  # noqa: E402
 
 STDLIB = sysconfig.get_paths()["stdlib"]
@@ -362,27 +362,6 @@ def preference_pairs(pairs, rng, per_function=1):
             used[kind] += 1
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": options[kind], "kind": kind})
     return rows, dict(used), skipped
-
-# -----------------------------------------------------------------------------
-# writing
-
-
-def write_atomic(path, write):
-    """Write through a temp file in the same directory, then rename: an interrupted run never leaves a half file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
-
-
-def write_jsonl(path, rows):
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def main(argv=None):
