@@ -170,17 +170,20 @@ class Runtime:
 
 
 def reuse_freed_memory():
-    """Ask glibc's malloc to keep freed blocks of up to 32 MB (its limit) for reuse instead of returning them to the
-    kernel. By default a freed activation of a few MB goes back to the OS, and the next step's tensor of the same
-    size is page-faulted in again and zero-filled: on a CPU that was a third of a transformer's forward pass."""
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the kernel. By default a freed
+    activation of a few MB goes back to the OS, and the next step's tensor of the same size is page-faulted in
+    again and zero-filled: on a CPU that was a third of a transformer's forward pass. Blocks above 32 MB (a
+    vocabulary-sized gradient) are always mapped afresh unless mmap is switched off, so it is: every block then
+    comes from the heap, which is only trimmed when more than 1 GB at its top is free."""
     if not sys.platform.startswith("linux"):
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # another C library (musl): leave it alone
         return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
     libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    libc.mallopt(M_MMAP_MAX, 0)
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 

@@ -55,6 +55,17 @@ class Linear(nn.Linear):
         return y.reshape(*x.shape[:-1], -1)
 
 
+def rows_contiguous(x, block=8192):
+    """x (B, N) made row-major. Linear's few-row product returns it transposed, and a (B, 50k) copy from that
+    layout in one go runs 2-5x slower than in column blocks that stay in the cache."""
+    if x.is_contiguous():
+        return x
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    for start in range(0, x.size(1), block):
+        out[:, start:start + block].copy_(x[:, start:start + block])
+    return out
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -68,7 +79,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = self.c_attn(x).contiguous().split(C, dim=2)  # few rows: Linear returned a transposed view
         # (B, T, C) -> (B, n_head, T, head_size): every head attends independently
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if kv_cache is not None:
@@ -275,8 +286,10 @@ class GPT(nn.Module):
                 h = self.hidden_states(next_input, mask, cache)[:, -1]  # first call: the prompt; then one token
             else:
                 h = self.hidden_states(torch.cat([idx, new_tokens[:, :n - 1]], dim=1), mask)[:, -1]  # whole prefix
-            logits = self.lm_head(h).float().contiguous()  # one row per sequence, as the sampler reads it
-            token, logprob = sample_next_token(logits, temperature, top_k, top_p, greedy, generator)
+            # lm_head(h) / T = lm_head(h / T), and h is 130x smaller than the logits at GPT-2's vocabulary
+            scaled = h / temperature if temperature not in (0, 1) and not greedy else h
+            logits = rows_contiguous(self.lm_head(scaled).float())  # one row per sequence, as the sampler reads it
+            token, logprob = sample_next_token(logits, 1.0 if temperature else 0, top_k, top_p, greedy, generator)
             if eot_token is not None:
                 token = torch.where(done, eot_token, token)
                 logprob = torch.where(done, 0.0, logprob)
@@ -406,8 +419,9 @@ class GPT(nn.Module):
 
 class TokenLogprobs(torch.autograd.Function):
     """log p(target) = logit[target] - logsumexp(logits) with logits = hidden @ weight^T, one slice of the
-    vocabulary at a time: the logsumexp of the whole row is accumulated across slices, and the backward turns
-    each stored slice of logits into its gradient, d log p / d logit = onehot - softmax. Computed in float32.
+    vocabulary at a time, in float32. Each slice keeps e^(logit - m), m its row maximum, so the logsumexp of the
+    whole row is log(sum over slices of e^m * sum(e^(logit - m))), and the backward turns the same numbers into
+    the gradient d log p / d logit = onehot - softmax, softmax = e^(logit - m) * e^(m - logsumexp).
     A slice (positions x columns) stays under ~24 MB, which the allocator reuses step after step."""
 
     slice_elements = 6 << 20  # floats in one slice of logits: 24 MB
@@ -416,30 +430,37 @@ class TokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets):
         h, w = hidden.float(), weight.float()
         cols = max(1, TokenLogprobs.slice_elements // max(1, h.size(0)))
-        logsumexp = h.new_full((h.size(0),), float("-inf"))
-        slices = []
+        exps, maxima, sums = [], [], []
         for start in range(0, w.size(0), cols):
             logits = h @ w[start:start + cols].t()
-            logsumexp = torch.logaddexp(logsumexp, torch.logsumexp(logits, dim=-1))  # log(e^a + e^b), stably
-            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-                slices.append(logits)  # kept for the backward: recomputing them would cost another matmul
-        ctx.save_for_backward(h, w, targets, logsumexp)
-        ctx.cols, ctx.slices, ctx.dtypes = cols, slices, (hidden.dtype, weight.dtype)
-        return (h * w[targets]).sum(-1) - logsumexp  # logit of the target: a dot product with its row of weight
+            m = logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(m).exp_()  # in place: the slice's logits are not needed again
+            exps.append(exp)
+            maxima.append(m)
+            sums.append(exp.sum(dim=-1, keepdim=True))
+        maxima, sums = torch.cat(maxima, dim=1), torch.cat(sums, dim=1)  # (positions, slices)
+        top = maxima.amax(dim=1, keepdim=True)
+        logsumexp = top + (sums * (maxima - top).exp()).sum(dim=1, keepdim=True).log()
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            ctx.save_for_backward(h, w, targets)
+            ctx.cols, ctx.exps, ctx.dtypes = cols, exps, (hidden.dtype, weight.dtype)
+            ctx.slice_scale = (maxima - logsumexp).exp()  # e^(m - logsumexp) per position and slice
+        return (h * w[targets]).sum(-1) - logsumexp.squeeze(1)  # logit of the target: a dot product with its row
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, w, targets, logsumexp = ctx.saved_tensors
+        h, w, targets = ctx.saved_tensors
         g = grad_out.float()
         # the logit[target] term: d/dh = weight[target], d/dweight[target] = h
         grad_h = g[:, None] * w[targets]
-        grad_w = torch.zeros_like(w)
-        grad_w.index_add_(0, targets, g[:, None] * h)
-        # the -logsumexp term: d/dlogits = -softmax, slice by slice
-        for logits, start in zip(ctx.slices, range(0, w.size(0), ctx.cols)):
-            minus_softmax = (logits - logsumexp[:, None]).exp_().mul_(-g[:, None])
+        grad_w = torch.empty_like(w)  # every row is written below: no zero-fill of a vocabulary-sized matrix
+        # the -logsumexp term: d/dlogits = -softmax, slice by slice (the stored slices are overwritten in place)
+        for i, (exp, start) in enumerate(zip(ctx.exps, range(0, w.size(0), ctx.cols))):
+            minus_softmax = exp.mul_(ctx.slice_scale[:, i:i + 1] * -g[:, None])
             grad_h.addmm_(minus_softmax, w[start:start + ctx.cols])
-            grad_w[start:start + ctx.cols].addmm_(minus_softmax.t(), h)
+            torch.mm(minus_softmax.t(), h, out=grad_w[start:start + ctx.cols])
+        ctx.exps = None
+        grad_w.index_add_(0, targets, g[:, None] * h)
         return grad_h.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None
 
 
@@ -482,7 +503,8 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, greedy=Fa
         logp = F.log_softmax(logits, dim=-1)
         token = logp.argmax(dim=-1)
         return token, logp.gather(-1, token[:, None]).squeeze(-1)
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k is not None and top_k > 0:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:
@@ -490,7 +512,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, greedy=Fa
     # inverse-transform sampling: one uniform number per row, located in the cumulative distribution. It is exact,
     # and at a 50k vocabulary much cheaper on a CPU than torch.multinomial or one random number per token.
     # The distribution is left unnormalised (exp(logit - max)); its total is the normaliser of the log-prob.
-    top = logits.max(dim=-1, keepdim=True).values
+    top = logits.amax(dim=-1, keepdim=True)
     cdf = (logits - top).exp_().cumsum_(dim=-1)
     total = cdf[:, -1:]
     u = torch.rand(logits.size(0), 1, device=logits.device, generator=generator) * total
