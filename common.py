@@ -170,16 +170,18 @@ class Runtime:
 
 
 def reuse_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the kernel. By default a freed
-    activation of a few MB goes back to the OS, and the next step's tensor of the same size is page-faulted in
-    again and zero-filled: on a CPU that was a third of a transformer's forward pass. Blocks above 32 MB (a
-    vocabulary-sized gradient) are always mapped afresh unless mmap is switched off, so it is: every block then
-    comes from the heap, which is only trimmed when more than 1 GB at its top is free."""
+    """Keep freed memory in the process for the next step's tensors instead of returning it to the kernel.
+
+    By default glibc's malloc gives a freed block of a few MB back to the OS, and the next step's tensor of the
+    same size is page-faulted in and zero-filled again: on a CPU that was a third of a transformer's forward pass.
+    Blocks above 32 MB (a vocabulary-sized gradient) are always mapped afresh unless mmap is switched off, so it
+    is: every block then comes from the heap, which is only trimmed when more than 1 GB at its top is free.
+    Tensors of 2 MB or more also go on 2 MB pages (PyTorch aligns them and asks the kernel): a 77 MB output
+    layer then needs 40 TLB entries instead of 19,000, and blocks of whole 2 MB pages are reused reliably.
+    Measured at GPT-2's vocabulary: a 96 MB tensor made again takes 6 ms instead of 40 ms."""
     if not sys.platform.startswith("linux"):
         return
-    # and back tensors of 2 MB or more with 2 MB pages (PyTorch aligns them and asks the kernel): a 77 MB
-    # output layer then needs 40 TLB entries instead of 19,000 (about 7% of a PPO update step measured)
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # PyTorch reads it once: call this before making tensors
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # another C library (musl): leave it alone

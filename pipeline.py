@@ -4,7 +4,7 @@ samples -> reward model -> PPO, and DPO (from the same SFT model, with no reward
 and DPO side by side on the same held-out prompts. Each stage is exactly the command you could type yourself; it is
 printed as it starts.
 
-    python pipeline.py                 # about 17 minutes on a 2-core CPU; finished stages are skipped
+    python pipeline.py                 # 17-19 minutes on a 2-core CPU; finished stages are skipped
     python pipeline.py --redo=sft      # run SFT again, and every stage after it
     python pipeline.py --redo=all      # everything from scratch
 The report: out/report.md (and the table is printed at the end).
