@@ -316,19 +316,9 @@ class StopRequest:
 # checkpoints
 
 def save_checkpoint(path, checkpoint):
-    """Write atomically: a temporary file in the same directory, flushed to disk, then renamed over the old one.
-    A crash or kill at any moment leaves either the old checkpoint or the new one, never half of one."""
+    """Write atomically (write_atomic): a crash or kill at any moment leaves the old checkpoint or the new one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_checkpoint(path, hint=None):
@@ -541,19 +531,19 @@ def plot_curves(path, panels, title):
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_atomic(path, write):
-    """Write through a temp file in the same directory, then rename: an interrupted run never leaves a half file.
-    write(f) writes the contents to a binary file object."""
+    """Write through a temp file in the same directory, flushed to disk, then renamed over the old one: a crash or
+    kill at any moment leaves the old file or the new one, never half of one. write(f) fills a binary file."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -584,11 +574,11 @@ def write_before_after(out_dir, stage, intro, table, png, before, after, prompts
     for i, (prompt, b, a) in enumerate(zip(prompts, before["completions"], after["completions"])):
         samples.append(f"### prompt {i + 1}\n```python\n{prompt}```\nSFT (before):\n```python\n{b}\n```\n"
                        f"{stage} (after):\n```python\n{a}\n```\n")
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(f"# {stage}: {out_dir}\n\n{intro}\n\n```\n{table}\n```\n\n![curves]({png})\n\n## Samples\n\n"
-                + "\n".join(samples))
-    with open(os.path.join(out_dir, "before_after.json"), "w") as f:
-        json.dump({"before": before["metrics"], "after": after["metrics"]}, f, indent=1)
+    report = (f"# {stage}: {out_dir}\n\n{intro}\n\n```\n{table}\n```\n\n![curves]({png})\n\n## Samples\n\n"
+              + "\n".join(samples))
+    write_atomic(os.path.join(out_dir, "report.md"), lambda f: f.write(report.encode("utf-8")))
+    measures = json.dumps({"before": before["metrics"], "after": after["metrics"]}, indent=1)
+    write_atomic(os.path.join(out_dir, "before_after.json"), lambda f: f.write(measures.encode("utf-8")))
 
 
 def format_duration(seconds):

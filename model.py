@@ -258,6 +258,7 @@ class GPT(nn.Module):
         the scalar head's value of the state each token was chosen in (0 after a row stopped), PPO's V(s_t).
         """
         B, T = idx.shape
+        greedy = greedy or temperature == 0  # the limit of T -> 0: all the probability on the largest logit
         block_size = self.config.block_size
         if T >= block_size:
             if not crop_prompt:
@@ -286,10 +287,10 @@ class GPT(nn.Module):
                 h = self.hidden_states(next_input, mask, cache)[:, -1]  # first call: the prompt; then one token
             else:
                 h = self.hidden_states(torch.cat([idx, new_tokens[:, :n - 1]], dim=1), mask)[:, -1]  # whole prefix
-            # lm_head(h) / T = lm_head(h / T), and h is 130x smaller than the logits at GPT-2's vocabulary
-            scaled = h / temperature if temperature not in (0, 1) and not greedy else h
+            # the temperature: lm_head(h) / T = lm_head(h / T), and h is 130x smaller than GPT-2's logits
+            scaled = h / temperature if not greedy and temperature != 1 else h
             logits = rows_contiguous(self.lm_head(scaled).float())  # one row per sequence, as the sampler reads it
-            token, logprob = sample_next_token(logits, 1.0 if temperature else 0, top_k, top_p, greedy, generator)
+            token, logprob = sample_next_token(logits, top_k, top_p, greedy, generator)
             if eot_token is not None:
                 token = torch.where(done, eot_token, token)
                 logprob = torch.where(done, 0.0, logprob)
@@ -497,14 +498,13 @@ def top_p_filter(logits, p):
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
-    """One token per row of logits (B, V) and its log-probability under the distribution it was drawn from."""
-    if greedy or temperature == 0:
+def sample_next_token(logits, top_k=None, top_p=None, greedy=False, generator=None):
+    """One token per row of logits (B, V), already divided by the temperature, and its log-probability under the
+    distribution it was drawn from."""
+    if greedy:
         logp = F.log_softmax(logits, dim=-1)
         token = logp.argmax(dim=-1)
         return token, logp.gather(-1, token[:, None]).squeeze(-1)
-    if temperature != 1.0:
-        logits = logits / temperature
     if top_k is not None and top_k > 0:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from common import UserError, format_duration, load_config, read_jsonl_records
+from common import UserError, format_duration, load_config, read_jsonl_records, write_atomic
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # DPO needs only the SFT model; it runs last so that --redo=dpo runs it alone
@@ -95,8 +95,7 @@ def run_stages(cfg):
                             f"Fix it and run `python pipeline.py` again: finished stages are skipped")
         timings[name] = time.time() - t0
         os.makedirs(os.path.join(ROOT, cfg.out), exist_ok=True)
-        with open(os.path.join(ROOT, timings_path), "w") as f:
-            json.dump(timings, f, indent=1)
+        write_atomic(os.path.join(ROOT, timings_path), lambda f: f.write(json.dumps(timings, indent=1).encode()))
         print(f"[{name}] finished in {format_duration(timings[name])}")
     return timings
 
@@ -190,8 +189,8 @@ def write_report(cfg, timings):
             text = open(stage_report).read()
             samples = text[text.find("## Samples"):] if "## Samples" in text else ""
             sections.append(f"## Before and after {title}: sample completions" + samples[len("## Samples"):])
-    with open(os.path.join(cfg.out, "report.md"), "w") as f:
-        f.write("\n".join(sections))
+    report = "\n".join(sections)
+    write_atomic(os.path.join(cfg.out, "report.md"), lambda f: f.write(report.encode("utf-8")))
     return table + "\n\n" + "\n".join(side), total
 
 

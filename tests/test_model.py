@@ -199,7 +199,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 def test_sampler_draws_from_the_filtered_distribution():
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(20000, 1)
     g = torch.Generator().manual_seed(0)
-    tokens, _ = sample_next_token(logits, temperature=1.0, top_k=3, generator=g)
+    tokens, _ = sample_next_token(logits, top_k=3, generator=g)
     freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
     expected = F.softmax(torch.tensor([0.0, 1.0, 2.0]), -1)
     assert freq[3] == 0
@@ -292,3 +292,14 @@ def test_mfu_uses_nanogpt_flops_formula():
     n = model.get_num_params()
     assert model.flops_per_token(32) == 6 * n + 12 * 2 * 16 * 32
     assert model.estimate_mfu(1000.0, 1e9, 32) == pytest.approx(model.flops_per_token(32) * 1000 / 1e9)
+
+
+def test_temperature_zero_is_greedy_decoding():
+    model = tiny()
+    idx = torch.randint(0, 37, (3, 4))
+    out, logprobs = model.generate(idx, 6, temperature=0, return_logprobs=True)
+    with torch.no_grad():
+        logits, _ = model(out)
+    assert torch.equal(out[:, 4:], logits[:, 3:-1].argmax(-1))  # each new token is the most likely one
+    assert torch.equal(out, model.generate(idx, 6, greedy=True))
+    assert torch.isfinite(logprobs).all()
