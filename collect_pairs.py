@@ -7,10 +7,11 @@ corruptions (data/pycode/prepare.py's pref_*.jsonl: a bracket removed, a line cu
 of the policy's own mistakes are mistakes, and PPO, which samples from the policy, finds that blind spot at once.
 
 So for each prompt we sample a few responses from the SFT model, as PPO will, and a labeler ranks them. Our
-labeler is a program instead of a person: a response is good if prompt + response is a function Python accepts
-(ast.parse; nothing is executed), is not empty/pass, and ends with end-of-text. Each bad sample becomes the
-rejected response of a pair whose chosen response is a good sample of the same prompt, or the real body when
-the model wrote none. Pairs have kind 'sampled', and the files have the format of prepare.py's, so train_rm.py
+labeler is a program instead of a person, the task's judge (tasks/pycode.py `grade`; nothing is executed): a
+response that solves its prompt (a valid, non-trivial body that reads the function's arguments and is not a
+template) ranks above one that is valid but ignores the arguments, above a trivial one, above one that does not
+parse or never ends. Each sample that does not solve its prompt becomes the rejected response of a pair whose
+chosen response is a sample of the same prompt that does, or the real body when the model wrote none. Pairs have kind 'sampled', and the files have the format of prepare.py's, so train_rm.py
 reads them beside those (train_file and val_file take comma-separated lists).
 
 Run (after train_sft.py; about 2 minutes on a 2-core laptop CPU):
@@ -26,9 +27,10 @@ from typing import Literal
 
 import torch
 
-from common import (complete, encode_prompt_response, format_duration, format_prompt, function_parses,
-                    is_degenerate, load_checkpoint, model_from_checkpoint, read_sft_examples, RunConfig,
-                    start_single_process, UserError, write_atomic, write_jsonl)
+from common import (complete, encode_prompt_response, format_duration, format_prompt, load_checkpoint,
+                    model_from_checkpoint, read_sft_examples, RunConfig, start_single_process, UserError, write_atomic,
+                    write_jsonl)
+from tasks import pycode as task
 from tokenizer import get_tokenizer
 
 
@@ -47,19 +49,13 @@ class Config(RunConfig):
     empty_pairs: bool = True  # also, for every training prompt, a good response against the empty one (kind 'empty')
 
 
-def label(prompt, response, has_eot):
-    """The labeler: is this response acceptable? Only reads the text (ast.parse), never runs it."""
-    return has_eot and function_parses(prompt, response) and not is_degenerate(response)
-
-
-def ranked_pairs(prompt, reference, samples, rng, max_pairs):
-    """[(chosen, rejected)] for one prompt from its [(response, is_good)] samples: each distinct bad response
-    (an empty one too: saying nothing is a bad answer) against a good sample, or the real body if the model
-    wrote none."""
-    good = sorted({r for r, ok in samples if ok})
-    bad = sorted({r for r, ok in samples if not ok})
-    rng.shuffle(bad)
-    return [(rng.choice(good) if good else reference, r) for r in bad[:max_pairs]]
+def ranked_pairs(reference, samples, rng, max_pairs):
+    """[(chosen, rejected)] for one prompt from its [(response, grade)] samples: each distinct response that does not
+    solve the prompt (an empty one too: saying nothing is a bad answer) against a sample that does, or against the
+    real body if the model wrote none. The lowest grades are paired first."""
+    good = sorted({r for r, g in samples if g == task.SOLVED})
+    bad = sorted({(g, r) for r, g in samples if g < task.SOLVED}, key=lambda gr: (gr[0], rng.random()))
+    return [(rng.choice(good) if good else reference, r) for _, r in bad[:max_pairs]]
 
 
 def collect(model, tok, examples, cfg, rt, rng, generator, empty_pairs=False):
@@ -73,18 +69,20 @@ def collect(model, tok, examples, cfg, rt, rng, generator, empty_pairs=False):
     prompts = [p for p, _ in kept for _ in range(cfg.samples_per_prompt)]
     texts, rows = complete(model, tok, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size, device=rt.device,
                            autocast=rt.autocast, greedy=False, temperature=cfg.temperature, generator=generator)
-    labels = [label(p, t, row[-1:] == [tok.eot_token]) for p, t, (_, row) in zip(prompts, texts, rows)]
+    # every sample of the split is judged together: a body the model gives to many prompts is a template
+    grades = task.grade(prompts, texts, [row[-1:] == [tok.eot_token] for _, row in rows])
     out, k = [], cfg.samples_per_prompt
     for i, (prompt, reference) in enumerate(kept):
-        samples = list(zip(texts[i * k:(i + 1) * k], labels[i * k:(i + 1) * k]))
-        for chosen, rejected in ranked_pairs(prompt, reference, samples, rng, cfg.max_pairs_per_prompt):
+        samples = list(zip(texts[i * k:(i + 1) * k], grades[i * k:(i + 1) * k]))
+        for chosen, rejected in ranked_pairs(reference, samples, rng, cfg.max_pairs_per_prompt):
             out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": "sampled"})
         if empty_pairs and "" not in {r for r, _ in samples}:
-            good = sorted({r for r, ok in samples if ok})
+            good = sorted({r for r, g in samples if g == task.SOLVED})
             out.append({"prompt": prompt, "chosen": rng.choice(good) if good else reference, "rejected": "",
                         "kind": "empty"})
     counts = {"prompts": len(kept), "prompts_dropped": len(examples) - len(kept), "samples": len(texts),
-              "good_share": sum(labels) / max(len(labels), 1), "pairs": len(out)}
+              "good_share": sum(g == task.SOLVED for g in grades) / max(len(grades), 1),
+              "grades": {str(g): grades.count(g) for g in range(task.SOLVED + 1)}, "pairs": len(out)}
     return out, counts
 
 

@@ -516,8 +516,9 @@ def read_jsonl_records(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(path, panels, title):
-    """panels: {panel title: {series name: (xs, ys)}} -> one PNG with a panel per entry, side by side."""
+def plot_curves(path, panels, title, xlabels=None, vlines=None):
+    """panels: {panel title: {series name: (xs, ys)}} -> one PNG with a panel per entry, side by side. The x axis is
+    the iteration unless xlabels names another for a panel; vlines: {panel title: x} draws a dashed line there."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -525,8 +526,10 @@ def plot_curves(path, panels, title):
     for ax, (panel, series) in zip(axes[0], panels.items()):
         for name, (xs, ys) in series.items():
             ax.plot(xs, ys, label=name, marker="o" if len(xs) < 30 else None, markersize=3)
+        if (vlines or {}).get(panel):
+            ax.axvline(vlines[panel], color="grey", linestyle="--", linewidth=1)
         ax.set_title(panel)
-        ax.set_xlabel("iteration")
+        ax.set_xlabel((xlabels or {}).get(panel, "iteration"))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
@@ -560,10 +563,10 @@ def write_jsonl(path, rows):
 def before_after_table(before, after, rows, stage):
     """The measures [(label, key)] of the SFT model (before) and of the model a stage trained from it (after), as
     a fixed-width table; a measure the before results lack (the RM score when there is no RM) is left out."""
-    lines = [f"{'':28}{'SFT (before)':>14}{f'{stage} (after)':>14}"]
+    lines = [f"{'':36}{'SFT (before)':>14}{f'{stage} (after)':>14}"]
     for label, key in rows:
-        if key in before:
-            lines.append(f"{label:28}{before[key]:>14.3f}{after[key]:>14.3f}")
+        if key in before and key in after:
+            lines.append(f"{label:36}{before[key]:>14.3f}{after[key]:>14.3f}")
     return "\n".join(lines)
 
 
@@ -634,7 +637,10 @@ def format_prompt(prompt, template):
 
 def read_sft_examples(path):
     """[(prompt, response)] from any of three formats, detected per line:
-    ours {"prompt", "response"}; Alpaca {"instruction", "input", "output"}; ChatLLaMA {"user_input", "completion"}."""
+    ours {"prompt", "response"}; Alpaca {"instruction", "input", "output"}; ChatLLaMA {"user_input", "completion"}.
+    Several files may be given as a comma-separated list."""
+    if "," in path:
+        return [x for p in path.split(",") if p.strip() for x in read_sft_examples(p.strip())]
     examples = []
     for n, obj in read_jsonl(path):
         where = f"{path}:{n}"
@@ -741,42 +747,21 @@ def pad_left(seqs, pad_id):
     return ids, mask
 
 
+def batch_rows(rows, pad_id, device):
+    """[(prompt ids, response ids)] -> left-padded prompts + right-padded responses, attention mask, prompt width."""
+    prompts, prompt_mask = pad_left([p for p, _ in rows], pad_id)
+    R = max(len(r) for _, r in rows)
+    responses = torch.full((len(rows), R), pad_id, dtype=torch.long)
+    resp_mask = torch.zeros((len(rows), R), dtype=torch.long)
+    for i, (_, r) in enumerate(rows):
+        responses[i, :len(r)] = torch.tensor(r)
+        resp_mask[i, :len(r)] = 1
+    seqs = torch.cat([prompts, responses], dim=1).to(device)
+    attn = torch.cat([prompt_mask, resp_mask], dim=1).to(device)
+    return seqs, attn, prompts.size(1)
+
 # ----------------------------------------------------------------------------------------------------------
-# the embedded task's gold measure: does prompt + completion form a function Python accepts?
-
-def function_parses(prompt, completion):
-    """ast.parse only reads the text; generated code is never executed."""
-    import ast as _ast
-    try:
-        _ast.parse(prompt + completion)
-        return True
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return False
-
-
-DO_NOTHING_BODIES = ("", "pass", "...", "return", "return None")
-
-
-def is_degenerate(completion):
-    """A body that does nothing the docstring asks (empty, pass, ..., a bare return): it parses all the same."""
-    return completion.strip() in DO_NOTHING_BODIES
-
-
-def gold_metrics(prompts, completions):
-    """Share of completions that parse, share degenerate (empty/pass/... or one body repeated for most prompts)."""
-    n = len(completions)
-    parses = [function_parses(p, c) for p, c in zip(prompts, completions)]
-    degenerate = [is_degenerate(c) for c in completions]
-    counts = {}
-    for c in completions:
-        counts[c.strip()] = counts.get(c.strip(), 0) + 1
-    most_common_share = max(counts.values()) / n if n else 0.0
-    if n >= 10 and most_common_share > 0.5:  # the same body for most prompts: the policy stopped reading them
-        degenerate = [d or counts[c.strip()] / n > 0.5 for d, c in zip(degenerate, completions)]
-    return {"parses": sum(parses) / n, "degenerate": sum(degenerate) / n,
-            "parses_not_degenerate": sum(p and not d for p, d in zip(parses, degenerate)) / n,
-            "most_common_share": most_common_share}
-
+# generation for evaluation (the task itself, its judge and measures, live in tasks/)
 
 @torch.no_grad()
 def complete(model, tok, prompts, max_new_tokens, batch_size=64, device="cpu", autocast=None, greedy=True,

@@ -1,13 +1,19 @@
 """
 The whole recipe at the small scale in one command: prepare -> pretrain -> SFT -> comparisons of the SFT model's
-samples -> reward model -> PPO, and DPO (from the same SFT model, with no reward model), then a report with every stage's numbers and plots and SFT, PPO
-and DPO side by side on the same held-out prompts. Each stage is exactly the command you could type yourself; it is
-printed as it starts.
+samples -> reward model -> PPO, and DPO (from the same SFT model, with no reward model), then a report with every
+stage's numbers and plots and SFT, PPO and DPO side by side on the same held-out prompts. Each stage is exactly the
+command you could type yourself; it is printed as it starts.
 
-    python pipeline.py                 # 17-19 minutes on a 2-core CPU; finished stages are skipped
+RL results vary from seed to seed, so every RL stage runs once per seed (--seeds, 3 by default) from the same SFT
+and reward model, and the report gives the mean, min and max over seeds of each measure. The first seed's run goes
+on to twice the config's iterations (its result is still read at the config's last iteration), so that its curve
+shows whether the default stops at a lucky peak.
+
+    python pipeline.py                 # about 20 minutes on a 2-core CPU; finished stages are skipped
+    python pipeline.py --seeds=1       # one seed per RL stage: a quick look, not a result
     python pipeline.py --redo=sft      # run SFT again, and every stage after it
     python pipeline.py --redo=all      # everything from scratch
-The report: out/report.md (and the table is printed at the end).
+The report: out/report.md (and the tables are printed at the end).
 """
 import json
 import os
@@ -19,22 +25,42 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from common import UserError, format_duration, load_config, read_jsonl_records, write_atomic
+from common import format_duration, load_config, plot_curves, read_jsonl_records, UserError, write_atomic
+from tasks import pycode as task
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# DPO needs only the SFT model; it runs last so that --redo=dpo runs it alone
 STAGE_NAMES = ("prepare", "pretrain", "sft", "pairs", "rm", "ppo", "dpo")
+RL_STAGES = {"ppo": ("PPO", "train_ppo.py", "config/ppo_small.py"), "dpo": ("DPO", "train_dpo.py", "config/dpo_small.py")}
 
 
 @dataclass
 class Config:
     redo: Literal["none", "all", "prepare", "pretrain", "sft", "pairs", "rm", "ppo", "dpo"] = "none"  # it and all after
     out: str = "out"  # where the stages' out_dirs and report.md go
+    seeds: int = 3  # each RL stage runs with seeds 1..seeds; the report gives mean, min and max over them
+    long_run: bool = True  # the first seed of each RL stage runs to twice the config's iterations
     tiny: bool = False  # seconds, not minutes: tiny models and data, to check that the plumbing works
 
 
+@dataclass
+class Run:
+    stage: str  # one of STAGE_NAMES
+    cmd: list  # the command, as typed
+    done: str  # the file a finished run leaves last
+    out_dir: str
+    seed: int = 0  # RL stages: the seed of this run
+    report_iter: int = 0  # RL stages: the iteration whose evaluation is this run's result (the config's max_iters)
+
+
+def rl_iterations(script, config_file, extra):
+    """(max_iters, eval_interval) of an RL stage as its config and the extra arguments set them."""
+    module = __import__(script[:-3])
+    cfg = load_config(module.Config, [config_file] + [a for a in extra if a.startswith("--")])
+    return cfg.max_iters, cfg.eval_interval
+
+
 def stages(cfg):
-    """(name, command, the file a finished run leaves last, out_dir). Plain commands unless --out or --tiny."""
+    """Every run in order. Plain commands, unless --out or --tiny change where things go."""
     py = sys.executable
     data = "data/pycode" if not cfg.tiny else os.path.join(cfg.out, "data")
     out = lambda name: os.path.join(cfg.out, name)
@@ -48,15 +74,17 @@ def stages(cfg):
                               "--n_layer=2", "--n_embd=64", "--n_head=2", "--eval_iters=2", "--log_interval=10"]
         files = [f"--train_file={data}/sft_train.jsonl", f"--val_file={data}/sft_val.jsonl"]
         extra["sft_small"] += files + [f"--eval_prompts={data}/prompts_eval.jsonl", "--max_iters=10",
-                                       "--eval_interval=10", "--eval_max_prompts=16", "--log_interval=5"]
+                                       "--eval_interval=10", "--eval_max_prompts=16", "--log_interval=5",
+                                       "--eval_samples=2"]
         extra["pairs_small"] += files + ["--max_new_tokens=32", "--samples_per_prompt=2"]
         extra["rm_small"] += ["--max_iters=10", "--eval_interval=10", "--log_interval=5"]
         extra["ppo_small"] += [f"--prompts_file={data}/prompts_train.jsonl", f"--eval_prompts={data}/prompts_eval.jsonl",
-                               "--max_iters=3", "--eval_interval=3", "--eval_max_prompts=16", "--batch_size=8",
-                               "--minibatch_size=4", "--max_new_tokens=32"]
+                               "--max_iters=2", "--eval_interval=1", "--eval_max_prompts=16", "--batch_size=8",
+                               "--minibatch_size=4", "--max_new_tokens=32", "--eval_samples=2"]
         extra["dpo_small"] += [f"--train_file={data}/pref_train.jsonl", f"--val_file={data}/pref_val.jsonl",
-                               f"--eval_prompts={data}/prompts_eval.jsonl", "--max_iters=4", "--eval_interval=4",
-                               "--eval_max_prompts=16", "--batch_size=8", "--max_new_tokens=32", "--log_interval=2"]
+                               f"--eval_prompts={data}/prompts_eval.jsonl", "--max_iters=4", "--eval_interval=2",
+                               "--eval_max_prompts=16", "--batch_size=8", "--max_new_tokens=32", "--log_interval=2",
+                               "--eval_samples=2"]
     if custom:
         extra["sft_small"] += [f"--init_from={out('lm_small')}"]
         extra["pairs_small"] += [f"--init_from={out('sft_small')}"]
@@ -64,138 +92,219 @@ def stages(cfg):
             f"--{split}_file={data}/pref_{split}.jsonl,{out('pairs_small')}/pref_{split}.jsonl" for split in ("train", "val")]
         extra["ppo_small"] += [f"--init_from={out('sft_small')}", f"--reward_model={out('rm_small')}"]
         extra["dpo_small"] += [f"--init_from={out('sft_small')}"]
-    return [
-        ("prepare", prepare, os.path.join(data, "meta.json"), data),
-        ("pretrain", [py, "train_lm.py", "config/lm_small.py"] + extra["lm_small"], "loss.png", out("lm_small")),
-        ("sft", [py, "train_sft.py", "config/sft_small.py"] + extra["sft_small"], "sft.png", out("sft_small")),
-        ("pairs", [py, "collect_pairs.py", "config/pairs_small.py"] + extra["pairs_small"], "meta.json",
-         out("pairs_small")),
-        ("rm", [py, "train_rm.py", "config/rm_small.py"] + extra["rm_small"], "rm.png", out("rm_small")),
-        ("ppo", [py, "train_ppo.py", "config/ppo_small.py"] + extra["ppo_small"], "report.md", out("ppo_small")),
-        ("dpo", [py, "train_dpo.py", "config/dpo_small.py"] + extra["dpo_small"], "report.md", out("dpo_small")),
+    runs = [
+        Run("prepare", prepare, os.path.join(data, "meta.json"), data),
+        Run("pretrain", [py, "train_lm.py", "config/lm_small.py"] + extra["lm_small"], "loss.png", out("lm_small")),
+        Run("sft", [py, "train_sft.py", "config/sft_small.py"] + extra["sft_small"], "sft.png", out("sft_small")),
+        Run("pairs", [py, "collect_pairs.py", "config/pairs_small.py"] + extra["pairs_small"], "meta.json",
+            out("pairs_small")),
+        Run("rm", [py, "train_rm.py", "config/rm_small.py"] + extra["rm_small"], "rm.png", out("rm_small")),
     ]
+    for stage, (_, script, config_file) in RL_STAGES.items():
+        args = [a for a in extra[f"{stage}_small"] if not a.startswith("--out_dir=")]
+        max_iters, eval_interval = rl_iterations(script, config_file, args)
+        if max_iters % eval_interval:
+            raise UserError(f"{config_file}: eval_interval={eval_interval} must divide max_iters={max_iters}, so that "
+                            f"every seed is evaluated at its last iteration")
+        for seed in range(1, cfg.seeds + 1):
+            out_dir = os.path.join(out(f"{stage}_small"), f"seed{seed}")
+            longer = [f"--max_iters={2 * max_iters}"] if seed == 1 and cfg.long_run else []
+            runs.append(Run(stage, [py, script, config_file] + args + [f"--out_dir={out_dir}", f"--seed={seed}"]
+                            + longer, "report.md", out_dir, seed, max_iters))
+    return runs
 
 
 def run_stages(cfg):
-    """Run each stage that has not finished (or that --redo asks for); return {stage: seconds or None}."""
+    """Run each stage that has not finished (or that --redo asks for); return {stage: seconds}."""
     timings_path = os.path.join(cfg.out, "timings.json")
     timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
     redo_from = STAGE_NAMES.index(cfg.redo) if cfg.redo in STAGE_NAMES else (0 if cfg.redo == "all" else None)
-    for i, (name, cmd, done_file, out_dir) in enumerate(stages(cfg)):
-        done_path = done_file if name == "prepare" else os.path.join(out_dir, done_file)
-        if os.path.exists(os.path.join(ROOT, done_path)) and (redo_from is None or i < redo_from):
-            print(f"[{name}] done already ({done_path}); skipping (--redo={name} runs it again)")
+    redone = set()
+    for run in stages(cfg):
+        done_path = run.done if run.stage == "prepare" else os.path.join(run.out_dir, run.done)
+        again = redo_from is not None and STAGE_NAMES.index(run.stage) >= redo_from
+        if os.path.exists(os.path.join(ROOT, done_path)) and not again:
+            print(f"[{run.stage}] done already ({done_path}); skipping (--redo={run.stage} runs it again)")
             continue
-        shown = " ".join(shlex.quote(c) for c in ["python"] + cmd[1:])
-        print(f"\n[{name}] $ {shown}", flush=True)
+        if run.stage not in redone:  # a stage's time is the sum of its runs, counted afresh when it runs again
+            timings[run.stage] = 0.0
+            redone.add(run.stage)
+        shown = " ".join(shlex.quote(c) for c in ["python"] + run.cmd[1:])
+        print(f"\n[{run.stage}] $ {shown}", flush=True)
         t0 = time.time()
-        result = subprocess.run(cmd, cwd=ROOT)
+        result = subprocess.run(run.cmd, cwd=ROOT)
         if result.returncode != 0:
-            raise UserError(f"stage '{name}' failed (exit status {result.returncode}); see its output above. "
+            raise UserError(f"stage '{run.stage}' failed (exit status {result.returncode}); see its output above. "
                             f"Fix it and run `python pipeline.py` again: finished stages are skipped")
-        timings[name] = time.time() - t0
+        timings[run.stage] += time.time() - t0
         os.makedirs(os.path.join(ROOT, cfg.out), exist_ok=True)
         write_atomic(os.path.join(ROOT, timings_path), lambda f: f.write(json.dumps(timings, indent=1).encode()))
-        print(f"[{name}] finished in {format_duration(timings[name])}")
+        print(f"[{run.stage}] finished in {format_duration(time.time() - t0)}")
     return timings
 
 
 # --------------------------------------------------------------------------------------------------------------
 # the report
 
-def last_record(path, key):
-    rows = [r for r in read_jsonl_records(path) if key in r] if os.path.exists(path) else []
-    return rows[-1] if rows else {}
+def records(path, key):
+    return [r for r in read_jsonl_records(path) if key in r] if os.path.exists(path) else []
 
 
-def first_record(path, key):
-    rows = [r for r in read_jsonl_records(path) if key in r] if os.path.exists(path) else []
-    return rows[0] if rows else {}
+def evaluations(out_dir):
+    """{iteration: the task's measures} of one RL run, from its metrics.jsonl (PPO prefixes them with 'eval_')."""
+    out = {}
+    for r in (read_jsonl_records(os.path.join(out_dir, "metrics.jsonl"))
+              if os.path.exists(os.path.join(out_dir, "metrics.jsonl")) else []):
+        if "eval_solved" in r:
+            out[r["iter"]] = {k[len("eval_"):]: v for k, v in r.items() if k.startswith("eval_")}
+        elif "solved" in r:
+            out[r["iter"]] = r
+    return out
 
 
-def before_after(out_dir):
-    """A stage's before/after measures (train_ppo.py and train_dpo.py write them), or empty ones."""
-    path = os.path.join(out_dir, "before_after.json")
-    return json.load(open(path)) if os.path.exists(path) else {"before": {}, "after": {}}
+def spread(values):
+    """'mean (min–max)' of the seeds' values, or the one value."""
+    values = [v for v in values if isinstance(v, (int, float))]
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.3f}–{max(values):.3f})"
 
 
 def machine():
     import torch
     cpu = platform.processor() or platform.machine()
+    flags = ""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            info = f.read()
+        cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        features = set(next(line for line in info.splitlines() if line.startswith("flags")).split())
+        flags = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in features)
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; Python "
-            f"{platform.python_version()}, torch {torch.__version__}")
+    return (f"{cpu} ({flags or 'features unknown'}), {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def commit():
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True).stdout
+        return rev.strip() + (" with uncommitted changes" if dirty.strip() else "") if rev.strip() else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def plot_seeds(path, stage, title, runs):
+    """One PNG per RL stage: each seed's held-out solved rate, reward-model score and KL to SFT against the
+    iteration, and solved against KL (gold against distance from SFT: where over-optimisation shows)."""
+    panels = {"solved, functions with arguments": {}, "reward model's score (the proxy)": {},
+              "KL to SFT (nats/response)": {}, "solved against KL to SFT": {}}
+    for run in runs:
+        ev = evaluations(run.out_dir)
+        its = sorted(ev)
+        name = f"seed {run.seed}"
+        panels["solved, functions with arguments"][name] = (its, [ev[i]["solved_args"] for i in its])
+        if all("rm_score" in ev[i] for i in its) and its:
+            panels["reward model's score (the proxy)"][name] = (its, [ev[i]["rm_score"] for i in its])
+        with_kl = [i for i in its if "kl" in ev[i]]
+        panels["KL to SFT (nats/response)"][name] = (with_kl, [ev[i]["kl"] for i in with_kl])
+        panels["solved against KL to SFT"][name] = ([ev[i]["kl"] for i in with_kl], [ev[i]["solved_args"] for i in with_kl])
+    panels = {k: v for k, v in panels.items() if v}
+    marks = {"solved, functions with arguments": runs[0].report_iter, "reward model's score (the proxy)":
+             runs[0].report_iter, "KL to SFT (nats/response)": runs[0].report_iter}
+    plot_curves(path, panels, f"{title}: {len(runs)} seeds (dashed: the config's last iteration)",
+                xlabels={"solved against KL to SFT": "KL to SFT (nats/response)"}, vlines=marks)
 
 
 def write_report(cfg, timings):
-    by_name = {name: out_dir for name, _, _, out_dir in stages(cfg)}
-    fmt = lambda v, spec=".3f": format(v, spec) if isinstance(v, (int, float)) else "–"
+    runs = stages(cfg)
+    by_stage = {}
+    for run in runs:
+        by_stage.setdefault(run.stage, []).append(run)
     wall = lambda name: format_duration(timings[name]) if name in timings else "–"
-    lm = last_record(os.path.join(by_name["pretrain"], "metrics.jsonl"), "val_loss")
-    sft_path = os.path.join(by_name["sft"], "metrics.jsonl")
-    sft0, sft = first_record(sft_path, "parses"), last_record(sft_path, "parses")
-    rm = last_record(os.path.join(by_name["rm"], "metrics.jsonl"), "val_accuracy")
-    pairs_meta = os.path.join(by_name["pairs"], "meta.json")
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "–"
+    lm = records(os.path.join(by_stage["pretrain"][0].out_dir, "metrics.jsonl"), "val_loss")
+    sft_records = records(os.path.join(by_stage["sft"][0].out_dir, "metrics.jsonl"), "solved")
+    sft0, sft = (sft_records[0], sft_records[-1]) if sft_records else ({}, {})
+    rm = (records(os.path.join(by_stage["rm"][0].out_dir, "metrics.jsonl"), "val_accuracy") or [{}])[-1]
+    pairs_meta = os.path.join(by_stage["pairs"][0].out_dir, "meta.json")
     pairs = json.load(open(pairs_meta)).get("train", {}) if os.path.exists(pairs_meta) else {}
-    ppo, dpo = (before_after(by_name[name]) for name in ("ppo", "dpo"))
-    b, a = ppo["before"], ppo["after"]
 
     lines = ["| stage | measure | value | wall time |", "|---|---|---|---|",
-             f"| prepare | data | {by_name['prepare']} | {wall('prepare')} |",
-             f"| pretrain | val loss (nats/token) | {fmt(lm.get('val_loss'))} | {wall('pretrain')} |",
+             f"| prepare | data | {by_stage['prepare'][0].out_dir} | {wall('prepare')} |",
+             f"| pretrain | val loss (nats/token) | {fmt((lm or [{}])[-1].get('val_loss'))} | {wall('pretrain')} |",
              f"| SFT | val response loss | {fmt(sft0.get('val_loss'))} → {fmt(sft.get('val_loss'))} | {wall('sft')} |",
-             f"| SFT | completions that parse | {fmt(sft0.get('parses'))} → {fmt(sft.get('parses'))} | |",
-             f"| pairs | SFT samples the parser accepts | {fmt(pairs.get('good_share'))} | {wall('pairs')} |",
+             f"| SFT | solved, functions with arguments | {fmt(sft0.get('solved_args'))} → {fmt(sft.get('solved_args'))} | |",
+             f"| SFT | solved, all prompts | {fmt(sft0.get('solved'))} → {fmt(sft.get('solved'))} | |",
+             f"| pairs | SFT samples that solve their prompt | {fmt(pairs.get('good_share'))} | {wall('pairs')} |",
              f"| RM | held-out accuracy, all pairs | {fmt(rm.get('val_accuracy'))} | {wall('rm')} |"]
     for path, acc in sorted(rm.get("val_accuracy_by_file", {}).items()):
         lines.append(f"| RM | held-out accuracy: {path} | {fmt(acc)} | |")
     for kind, acc in sorted(rm.get("val_accuracy_by_kind", {}).items()):
         lines.append(f"| RM | accuracy: {kind} | {fmt(acc)} | |")
-    rows = [("RM score mean", "rm_score"), ("gold: parses", "parses"), ("degenerate", "degenerate"),
-            ("KL to SFT (nats/response)", "kl")]
-    for i, (label, key) in enumerate(rows):
-        lines.append(f"| PPO | {label}: SFT → PPO | {fmt(b.get(key))} → {fmt(a.get(key))} | "
-                     f"{wall('ppo') if i == 0 else ''} |")
-    d = dpo["after"]
-    lines += [f"| DPO | held-out implicit accuracy | {fmt(d.get('val_accuracy'))} | {wall('dpo')} |",
-              f"| DPO | drift on held-out chosen (nats) | {fmt(d.get('val_drift'))} | |"]
-    for kind, acc in sorted(d.get("val_accuracy_by_kind", {}).items()):
-        lines.append(f"| DPO | implicit accuracy: {kind} | {fmt(acc)} | |")
-    # the same greedy completions of the same held-out prompts, measured the same way (train_ppo.evaluate)
-    sft_gold = b or dpo["before"]
-    side = ["| measure | SFT | PPO | DPO |", "|---|---|---|---|"]
-    for label, key in (("gold: parses", "parses"), ("degenerate", "degenerate"),
-                       ("parses and not degenerate", "parses_not_degenerate"), ("KL to SFT (nats/response)", "kl"),
-                       ("mean response tokens", "mean_length")):
-        side.append(f"| {label} | {fmt(sft_gold.get(key))} | {fmt(a.get(key))} | {fmt(d.get(key))} |")
+    for stage, (title, _, _) in RL_STAGES.items():
+        lines.append(f"| {title} | {len(by_stage[stage])} seeds | | {wall(stage)} |")
+
+    # the side-by-side table: SFT (the same evaluation, from the first RL run's iteration 0) and each RL stage at the
+    # config's last iteration, mean (min–max) over seeds
+    results = {stage: [evaluations(r.out_dir).get(r.report_iter, {}) for r in by_stage[stage]] for stage in RL_STAGES}
+    befores = [evaluations(r.out_dir).get(0, {}) for stage in RL_STAGES for r in by_stage[stage]]
+    sft_eval = next((b for b in befores if b), {})
+    k = next((key.split("@")[1] for key in sft_eval if key.startswith("pass@") and not key.endswith("_args")), "k")
+    measures = task.MEASURES + [(f"pass@{k}, functions with arguments", f"pass@{k}_args"), (f"pass@{k}", f"pass@{k}"),
+                                ("KL to SFT (nats/response)", "kl"), ("reward model's score", "rm_score")]
+    head = "| measure | SFT | " + " | ".join(f"{RL_STAGES[s][0]} ({len(by_stage[s])} seeds)" for s in RL_STAGES) + " |"
+    side = [head, "|---" * (2 + len(RL_STAGES)) + "|"]
+    for label, key in measures:
+        side.append(f"| {label} | {fmt(sft_eval.get(key)) if key != 'kl' else '0'} | "
+                    + " | ".join(spread([r.get(key) for r in results[s]]) for s in RL_STAGES) + " |")
+    gains = []
+    for stage, (title, _, _) in RL_STAGES.items():
+        deltas = [r["solved_args"] - sft_eval["solved_args"] for r in results[stage] if "solved_args" in r and sft_eval]
+        if deltas:
+            gains.append(f"- {title}: solved on functions with arguments {'+' if min(deltas) >= 0 else ''}"
+                         f"{min(deltas):+.3f} to {max(deltas):+.3f} against SFT over {len(deltas)} seeds "
+                         f"(per seed: {', '.join(f'{d:+.3f}' for d in deltas)}); "
+                         + ("it helps in every seed" if min(deltas) > 0 else "it does not help in every seed"))
     total = sum(timings.get(n, 0) for n in STAGE_NAMES)
-    table = "\n".join(lines)
-    plots = [("pretraining", "pretrain", "loss.png"), ("SFT", "sft", "sft.png"), ("reward model", "rm", "rm.png"),
-             ("PPO", "ppo", "ppo.png"), ("DPO", "dpo", "dpo.png")]
-    sections = [f"# The RLHF recipe, small scale\n\nRun {time.strftime('%Y-%m-%d %H:%M')} on {machine()}. "
-                f"Wall time of the stages: {format_duration(total)}.\n\n## Results\n\n{table}\n\n"
-                f"## SFT, PPO and DPO on the held-out prompts\n\nGreedy completions of the same held-out prompts; "
-                f"the KL to the SFT model is measured on sampled ones.\n\n" + "\n".join(side) + "\n\n## Curves\n"]
-    for title, stage, png in plots:
-        rel = os.path.relpath(os.path.join(by_name[stage], png), cfg.out)
-        sections.append(f"### {title}\n\n![{title}]({rel})\n")
-    for stage, title in (("ppo", "PPO"), ("dpo", "DPO")):
-        stage_report = os.path.join(by_name[stage], "report.md")
+    sections = [f"# The RLHF recipe, small scale\n\n`python pipeline.py {' '.join(sys.argv[1:])}`".rstrip() +
+                f"` at commit {commit()}, {time.strftime('%Y-%m-%d %H:%M')}, on {machine()}. Wall time of the "
+                f"stages: {format_duration(total)}.\n\n## Results\n\n" + "\n".join(lines),
+                "\n## SFT and the RL stages on the held-out prompts\n\nGreedy completions of the same held-out prompts "
+                "(tasks/pycode.py judges them); pass@k and the KL to the SFT model from sampled ones. Each RL stage: "
+                "mean (min–max) over seeds, at the config's last iteration.\n\n" + "\n".join(side) + "\n\n"
+                + "\n".join(gains) + "\n\n## Curves\n"]
+    for title, stage, png in (("pretraining", "pretrain", "loss.png"), ("SFT", "sft", "sft.png"),
+                              ("reward model", "rm", "rm.png")):
+        sections.append(f"### {title}\n\n![{title}]({os.path.relpath(os.path.join(by_stage[stage][0].out_dir, png), cfg.out)})\n")
+    for stage, (title, _, _) in RL_STAGES.items():
+        png = os.path.join(cfg.out, f"{stage}_seeds.png")
+        plot_seeds(png, stage, title, by_stage[stage])
+        sections.append(f"### {title}, every seed\n\n![{title}]({os.path.basename(png)})\n")
+        per_seed = ["| seed | iterations run | solved, with arguments | solved | template | chrF | KL |", "|---" * 7 + "|"]
+        for run, r in zip(by_stage[stage], results[stage]):
+            ev = evaluations(run.out_dir)
+            per_seed.append(f"| {run.seed} | {max(ev) if ev else '–'} | {fmt(r.get('solved_args'))} | {fmt(r.get('solved'))} | "
+                            f"{fmt(r.get('template'))} | {fmt(r.get('chrf'))} | {fmt(r.get('kl'))} |")
+        sections.append("\n".join(per_seed) + "\n")
+    for stage, (title, _, _) in RL_STAGES.items():
+        stage_report = os.path.join(by_stage[stage][0].out_dir, "report.md")
         if os.path.exists(stage_report):
             text = open(stage_report).read()
-            samples = text[text.find("## Samples"):] if "## Samples" in text else ""
-            sections.append(f"## Before and after {title}: sample completions" + samples[len("## Samples"):])
+            samples = text[text.find("## Samples") + len("## Samples"):] if "## Samples" in text else ""
+            sections.append(f"## Before and after {title} (seed 1): sample completions" + samples)
     report = "\n".join(sections)
     write_atomic(os.path.join(cfg.out, "report.md"), lambda f: f.write(report.encode("utf-8")))
-    return table + "\n\n" + "\n".join(side), total
+    return "\n".join(lines) + "\n\n" + "\n".join(side) + "\n\n" + "\n".join(gains), total
 
 
 def main(argv=None):
     cfg = load_config(Config, argv)
+    if cfg.seeds < 1:
+        raise UserError(f"seeds must be at least 1, got {cfg.seeds}")
     if not cfg.tiny:
         os.chdir(ROOT)
     timings = run_stages(cfg)

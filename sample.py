@@ -40,10 +40,10 @@ def main(argv=None):
     print_config(cfg)
     torch.manual_seed(cfg.seed)
     source = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
-    model, _, tokenizer_name = init_model(source, cfg.out_dir, {"dropout": 0.0}, None,
+    model, _, tokenizer_spec = init_model(source, cfg.out_dir, {"dropout": 0.0}, None,
                                           stage_hint="train one first, e.g. `python train_lm.py config/lm_small.py`")
     model.eval().to(rt.device)
-    tok = get_tokenizer(tokenizer_name)
+    tok = get_tokenizer(tokenizer_spec)
     if cfg.chat:
         return chat(model, tok, checkpoint_template(cfg), cfg, rt)
 

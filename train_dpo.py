@@ -22,7 +22,7 @@ here the greedy completions start to break their indentation. DPO-Positive (--dp
 It reads the reward model's preference pairs (ours, or HH-RLHF's) and reports at every log and eval interval the
 loss, the implicit reward accuracy (how often r(x, y_w) > r(x, y_l)), the margin r(x, y_w) - r(x, y_l), and the
 drift from the reference (the log-ratio log pi/pi_ref of the chosen responses); before, during and after
-training, the same gold measure as train_ppo.py on the same held-out prompts (report.md, dpo.png).
+training, the task's held-out measures (tasks/pycode.py), as every stage takes them (report.md, dpo.png).
 
 Run (after train_sft.py; about 2 minutes on a 2-core laptop CPU; no reward model needed):
     python train_dpo.py config/dpo_small.py
@@ -40,11 +40,11 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-import train_ppo
 from common import (before_after_table, cosine_lr, format_duration, grad_scaler, load_checkpoint, Metrics,
                     model_from_checkpoint, optimizer_step, plot_curves, read_jsonl_records, read_preference_pairs,
-                    read_prompts, resume_checkpoint, rng_state, RunConfig, save_checkpoint, set_rng_state,
+                    resume_checkpoint, rng_state, RunConfig, save_checkpoint, set_rng_state,
                     start_single_process, StopRequest, UserError, write_before_after)
+from tasks import pycode as task
 from tokenizer import get_tokenizer
 from train_rm import batch_indices, encode_pairs, pair_metrics_by_kind, pairwise_loss
 from train_sft import sft_batch
@@ -55,11 +55,12 @@ class Config(RunConfig):
     out_dir: str = "out/dpo"  # where ckpt.pt, metrics.jsonl, dpo.png, report.md and before_after.json are written
     init_from: str = "out/sft_small"  # the SFT out_dir the policy and the frozen reference start from; or 'resume'
     max_iters: int = 200  # optimizer steps in total
-    eval_interval: int = 50  # evaluate (held-out pairs, gold measure) and save a checkpoint every this many steps
+    eval_interval: int = 50  # evaluate (held-out pairs, the task's measures) and save a checkpoint every this many steps
     train_file: str = "data/pycode/pref_train.jsonl"  # pairs: ours {"prompt","chosen","rejected","kind"} or HH-RLHF
     val_file: str = "data/pycode/pref_val.jsonl"  # held-out pairs: loss, implicit accuracy, margin, drift per kind
-    eval_prompts: str = "data/pycode/prompts_eval.jsonl"  # held-out prompts for the gold measure, as train_ppo.py
+    eval_prompts: str = "data/pycode/prompts_eval.jsonl"  # held-out prompts for the task's measures
     eval_max_prompts: int = 0  # complete this many of the eval prompts; 0 means all of them
+    eval_samples: int = 8  # sampled completions per held-out prompt at each evaluation: pass@k and the KL to SFT
     template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
     beta: float = 0.1  # DPO's beta, the weight of the implicit KL to the reference: smaller lets the policy move more
     dpop_lambda: float = 0.0  # DPO-Positive: penalise a chosen response for falling below the reference; 0 is off
@@ -180,16 +181,16 @@ def eval_batches(data, batch_size):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# evaluation: the held-out pairs, and the gold measure exactly as train_ppo.py takes it
+# evaluation: the held-out pairs, and the task's measures as every stage takes them
 
-def evaluate(policy, ref, val, ref_val, val_batches, eval_texts, tok, cfg, rt):
-    """Loss, implicit accuracy, margin and drift on the held-out pairs; the gold measure (share of greedy
-    completions Python's parser accepts, share degenerate) and the KL to the reference on the held-out prompts,
-    by train_ppo.evaluate itself, so that SFT, PPO and DPO are measured alike."""
+def evaluate(policy, ref, val, ref_val, val_batches, eval_set, tok, cfg, rt):
+    """Loss, implicit accuracy, margin and drift on the held-out pairs; the task's measures of the policy on the
+    held-out prompts and the KL to the reference (tasks/pycode.py), so that SFT, PPO and DPO are measured alike."""
     policy.eval()
     logp = logprobs_of_pairs(policy, val, val_batches, tok.eot_token, rt)
     stats = pair_stats(logp, ref_val, cfg.beta, val["kinds"], cfg.dpop_lambda)
-    gold, completions = train_ppo.evaluate(policy, ref, None, tok, eval_texts, cfg, rt, None)
+    gold, completions = task.evaluate_policy(policy, tok, eval_set, cfg.max_new_tokens, rt.device, rt.autocast,
+                                             samples=cfg.eval_samples, ref_model=ref, seed=cfg.seed)
     policy.train()
     by_kind = stats.pop("by_kind")
     result = {**{f"val_{k}": v for k, v in stats.items()}, **gold,
@@ -203,12 +204,10 @@ def describe(m):
     penalty = f" (without the penalty {m['val_dpo_loss']:.4f})" if m["val_dpo_loss"] != m["val_loss"] else ""
     return (f"val loss {m['val_loss']:.4f}{penalty}, implicit accuracy {m['val_accuracy']:.3f} ({kinds}), margin "
             f"{m['val_margin']:+.3f}, drift {m['val_drift']:+.2f} (rejected {m['val_drift_rejected']:+.2f}) nats; "
-            f"gold: parses {m['parses']:.3f}, degenerate {m['degenerate']:.3f}, KL to SFT {m['kl']:.3f} nats")
+            f"{task.describe(m)}")
 
 
-REPORT_ROWS = [("gold: parses", "parses"), ("degenerate", "degenerate"),
-               ("parses and not degenerate", "parses_not_degenerate"), ("KL to SFT (nats/response)", "kl"),
-               ("mean response tokens", "mean_length"), ("val loss", "val_loss"),
+REPORT_ROWS = task.MEASURES + [("KL to SFT (nats/response)", "kl"), ("val loss", "val_loss"),
                ("val loss without penalty", "val_dpo_loss"),
                ("val implicit accuracy", "val_accuracy"), ("val implicit margin", "val_margin"),
                ("val drift (chosen, nats)", "val_drift"), ("val drift (rejected, nats)", "val_drift_rejected")]
@@ -230,7 +229,8 @@ def plot(cfg, path):
               "margin and drift (val)": {"margin r_w - r_l": series("val_margin"),
                                          "drift: log pi/pi_ref, chosen": series("val_drift"),
                                          "log pi/pi_ref, rejected": series("val_drift_rejected")},
-              "gold (held-out prompts)": {"parses": series("parses"), "degenerate": series("degenerate")}}
+              "held-out prompts, greedy": {"solved, with arguments": series("solved_args"),
+                                           "solved, all": series("solved"), "template share": series("template")}}
     plot_curves(path, panels, f"DPO (beta {cfg.beta}, dpop_lambda {cfg.dpop_lambda}): {cfg.out_dir}")
 
 
@@ -264,10 +264,9 @@ def main(argv=None):
     val = load_pairs(cfg.val_file, tok, cfg.template, block_size, "val")
     lengths = tuple(max(len(w), len(l)) for w, l in zip(train["chosen"], train["rejected"]))
     train_pairs = pairs_fingerprint(train)
-    _, eval_texts, _, eval_dropped = read_prompts(cfg.eval_prompts, tok, cfg.template, block_size - cfg.max_new_tokens)
-    if cfg.eval_max_prompts:
-        eval_texts = eval_texts[:cfg.eval_max_prompts]
-    print(f"{cfg.eval_prompts}: {len(eval_texts)} prompts for the gold measure ({eval_dropped} longer than "
+    eval_set = task.read_eval_set(cfg.eval_prompts, tok, cfg.template, block_size - cfg.max_new_tokens,
+                                  cfg.eval_max_prompts)
+    print(f"{cfg.eval_prompts}: {len(eval_set.prompts)} held-out prompts ({eval_set.dropped} longer than "
           f"{block_size - cfg.max_new_tokens} tokens dropped); policy {policy.get_num_params() / 1e6:.2f}M parameters "
           f"from {sft_source}, beta {cfg.beta}, {cfg.max_iters * cfg.batch_size / len(lengths):.1f} epochs of "
           f"{len(lengths)} pairs, {rt.device} {rt.dtype}")
@@ -323,7 +322,7 @@ def main(argv=None):
             at_end = iter_num >= cfg.max_iters or stop.requested
             if (iter_num % cfg.eval_interval == 0 or at_end) and iter_num != resumed_at:
                 t0 = time.time()
-                last, completions = evaluate(raw_policy, ref, val, ref_val, val_batches, eval_texts, tok, cfg, rt)
+                last, completions = evaluate(raw_policy, ref, val, ref_val, val_batches, eval_set, tok, cfg, rt)
                 last_completions = completions[:cfg.eval_samples_shown]
                 before = before or {"metrics": last, "completions": last_completions}
                 print(f"step {iter_num}: {describe(last)} ({format_duration(time.time() - t0)})", flush=True)
@@ -331,7 +330,7 @@ def main(argv=None):
                 save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
                     "stage": "dpo", "model_args": asdict(raw_policy.config), "model": raw_policy.state_dict(),
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
-                    "config": asdict(cfg), "rng": rng_state(), "tokenizer": tok.name, "template": cfg.template,
+                    "config": asdict(cfg), "rng": rng_state(), "tokenizer": tok.spec, "template": cfg.template,
                     "before": before, "eval": last, "completions": last_completions, "ref_train": ref_train,
                     "train_pairs": train_pairs})
             if at_end:
@@ -366,10 +365,10 @@ def main(argv=None):
     # ---- the end: the before/after table (printed, report.md, before_after.json), the curves, samples
     plot(cfg, os.path.join(cfg.out_dir, "dpo.png"))
     table = before_after_table(before["metrics"], last, REPORT_ROWS, "DPO")
-    intro = (f"beta {cfg.beta}, dpop_lambda {cfg.dpop_lambda}; {len(eval_texts)} held-out prompts, greedy completions "
+    intro = (f"beta {cfg.beta}, dpop_lambda {cfg.dpop_lambda}; {len(eval_set.inputs)} held-out prompts, greedy completions "
              f"(KL from sampled ones); val: {len(val['kinds'])} held-out pairs")
     write_before_after(cfg.out_dir, "DPO", intro, table, "dpo.png", before,
-                       {"metrics": last, "completions": last_completions}, eval_texts)
+                       {"metrics": last, "completions": last_completions}, eval_set.inputs)
     print(table)
     print(f"done: step {iter_num} in {format_duration(time.time() - t_start)}; wrote {cfg.out_dir}/ckpt.pt, "
           f"metrics.jsonl, dpo.png, report.md, before_after.json")

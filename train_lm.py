@@ -28,7 +28,7 @@ from common import (optimizer_step, Metrics, dataset_dir, RunConfig, StopRequest
                     cosine_lr, format_duration, grad_scaler, init_model, load_config, measure_matmul_flops,
                     plot_curves, print_config, read_jsonl_records, read_meta, rng_state, save_checkpoint,
                     seed_everything, set_rng_state, setup_runtime)
-from tokenizer import get_tokenizer
+from tokenizer import get_tokenizer, tokenizer_name
 
 
 @dataclass
@@ -109,11 +109,11 @@ def main(argv=None):
     # ---- model
     model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                       vocab_size=meta["n_vocab"], dropout=cfg.dropout, bias=cfg.bias)
-    model, ckpt, tokenizer_name = init_model(cfg.init_from, cfg.out_dir, model_args, meta["tokenizer"],
+    model, ckpt, tokenizer_spec = init_model(cfg.init_from, cfg.out_dir, model_args, meta["tokenizer"],
                                              stage_hint="make one with train_lm.py")
-    if tokenizer_name != meta["tokenizer"]:
-        raise UserError(f"the model uses the {tokenizer_name!r} tokenizer but data/{cfg.dataset} was prepared with "
-                        f"{meta['tokenizer']!r}; run `python data/{cfg.dataset}/prepare.py --tokenizer={tokenizer_name}`")
+    if tokenizer_spec != meta["tokenizer"]:
+        raise UserError(f"the model uses the {tokenizer_name(tokenizer_spec)!r} tokenizer but data/{cfg.dataset} was "
+                        f"prepared with {tokenizer_name(meta['tokenizer'])!r}; pretrain on the data it was made with")
     if cfg.block_size > model.config.block_size:
         raise UserError(f"block_size={cfg.block_size} is longer than the model's context ({model.config.block_size})")
     model.to(rt.device)
@@ -136,7 +136,7 @@ def main(argv=None):
     if rt.ddp:
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
     if rt.is_master:
-        print(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, tokenizer {tokenizer_name!r}, "
+        print(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, tokenizer {tokenizer_name(tokenizer_spec)!r}, "
               f"{tokens_per_iter:,} tokens per step, {rt.world_size} process(es), {rt.device} {rt.dtype}")
         peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops > 0 else measure_matmul_flops(rt.device)
         print(f"MFU is measured against a peak of {peak / 1e12:.3f} TFLOP/s"
@@ -167,7 +167,7 @@ def main(argv=None):
                     "stage": "lm", "model_args": asdict(raw_model.config), "model": raw_model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
                     "val_loss": last["val"], "config": asdict(cfg), "rng": rng_state(),
-                    "tokenizer": tokenizer_name, "dataset": cfg.dataset})
+                    "tokenizer": tokenizer_spec, "dataset": cfg.dataset})
             if at_end:
                 break
 
@@ -213,7 +213,7 @@ def main(argv=None):
         print(f"done: step {iter_num}, val loss {last.get('val', float('nan')):.4f} in "
               f"{format_duration(time.time() - t_start)}; wrote {cfg.out_dir}/ckpt.pt, metrics.jsonl, loss.png")
         if cfg.sample_at_end:
-            tok = get_tokenizer(tokenizer_name)
+            tok = get_tokenizer(tokenizer_spec)
             prompt = torch.tensor([tok.encode("def ")], device=rt.device)
             with rt.autocast:
                 out = raw_model.eval().generate(prompt, 200, temperature=0.8, top_k=50, eot_token=tok.eot_token,

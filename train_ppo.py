@@ -14,7 +14,7 @@ Schulman et al. 2017, PPO; Schulman et al. 2016, GAE.)
 One iteration, as the loop below reads: 1. rollout  2. score  3. per-token rewards  4. advantages  5. update.
 
     python train_ppo.py config/ppo_small.py                      # after train_sft.py and train_rm.py
-    python train_ppo.py config/ppo_small.py --reward=gold        # optimise the real target instead of the RM
+    python train_ppo.py config/ppo_small.py --reward=task        # optimise the task's judge instead of the RM
 Every key: python train_ppo.py --help
 """
 import os
@@ -25,11 +25,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common import (before_after_table, complete, dataset_dir, format_duration, function_parses, gold_metrics,
-                    is_degenerate, load_checkpoint, Metrics, model_from_checkpoint, pad_left, plot_curves,
-                    read_jsonl_records, read_prompts, resume_checkpoint, rng_state, RunConfig, save_checkpoint,
-                    set_rng_state, start_single_process, StopRequest, TokenBatches, UserError, write_before_after)
-from tokenizer import get_tokenizer
+from common import (batch_rows, before_after_table, dataset_dir, format_duration, load_checkpoint, Metrics,
+                    model_from_checkpoint, pad_left, plot_curves, read_jsonl_records, read_prompts, resume_checkpoint,
+                    rng_state, RunConfig, save_checkpoint, set_rng_state, start_single_process, StopRequest,
+                    TokenBatches, UserError, write_before_after)
+from tasks import pycode as task
+from tokenizer import get_tokenizer, tokenizer_name
 from train_rm import reward_at_last_token  # the score, read at the last real token, exactly as the RM was trained
 
 
@@ -38,10 +39,11 @@ class Config(RunConfig):
     out_dir: str = "out/ppo"  # where ckpt.pt, metrics.jsonl, ppo.png and report.md are written
     init_from: str = "out/sft"  # the SFT out_dir the policy (and the frozen reference) start from; or 'resume'
     reward_model: str = "out/rm"  # the train_rm.py out_dir whose model scores responses
-    reward: Literal["model", "gold"] = "model"  # 'gold': score 1 if the function parses (and is not empty), else 0
+    reward: Literal["model", "task"] = "model"  # 'task': the task's judge, 1 if a response solves its prompt, else 0
     prompts_file: str = "data/pycode/prompts_train.jsonl"  # rollout prompts {"prompt": ...}
     eval_prompts: str = "data/pycode/prompts_eval.jsonl"  # held-out prompts for the before/after evaluation
     eval_max_prompts: int = 0  # evaluate on this many held-out prompts; 0 means all of them
+    eval_samples: int = 8  # sampled completions per held-out prompt at each evaluation: pass@k and the KL to SFT
     template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
     max_iters: int = 100  # PPO iterations (rollout + update)
     eval_interval: int = 25  # evaluate and save a checkpoint every this many iterations
@@ -183,57 +185,27 @@ def response_mask(responses, eot_token):
     return (~after_eot).float()
 
 
-def gold_scores(tok, prompts_text, responses, mask):
-    """The task's programmatic measure as a reward: 1 if prompt + completion parses and is not empty/pass."""
-    scores = []
-    for prompt, row, m in zip(prompts_text, responses.tolist(), mask.tolist()):
-        text = tok.decode([t for t, keep in zip(row, m) if keep and t != tok.eot_token])
-        scores.append(float(function_parses(prompt, text) and not is_degenerate(text)))
-    return torch.tensor(scores)
+def task_scores(tok, prompts, responses, mask):
+    """The task's judge as a reward: 1.0 for each response that solves its prompt, else 0.0 (tasks/pycode.py)."""
+    texts = [tok.decode([t for t, keep in zip(row, m) if keep and t != tok.eot_token])
+             for row, m in zip(responses.tolist(), mask.tolist())]
+    ended = (responses == tok.eot_token).any(dim=1).tolist()
+    return torch.tensor(task.reward(prompts, texts, ended))
 
 
 # --------------------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def evaluate(policy, ref, reward_model, tok, prompts, cfg, rt, rm_stats):
-    """Greedy completions of the held-out prompts -> RM score and gold; sampled completions -> KL to the reference,
-    summed over each response's tokens (nats per response)."""
-    policy.eval()
-    completions, rows = complete(policy, tok, prompts, cfg.max_new_tokens, device=rt.device, autocast=rt.autocast)
-    result = gold_metrics(prompts, completions)
-    if reward_model is not None:
+def evaluate(policy, ref, reward_model, tok, eval_set, cfg, rt):
+    """The task's held-out measures (tasks/pycode.py) of the policy, with the reward model's mean score of its
+    greedy completions and the KL to the reference from sampled ones."""
+    def scorer(rows):
         seqs, attn, _ = batch_rows(rows, tok.eot_token, rt.device)
-        scores = torch.cat([reward_at_last_token(reward_model, s, a) for s, a in zip(seqs.split(64), attn.split(64))])
-        result["rm_score"] = scores.mean().item()
-        result["rm_score_norm"] = ((scores - rm_stats[0]) / rm_stats[1]).mean().item()
-    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
-    _, sampled = complete(policy, tok, prompts, cfg.max_new_tokens, device=rt.device, autocast=rt.autocast,
-                          greedy=False, temperature=1.0, generator=generator)
-    kls = []
-    for i in range(0, len(sampled), 64):
-        seqs, attn, P = batch_rows(sampled[i:i + 64], tok.eot_token, rt.device)
-        mask = attn[:, P:].float()
-        logp, _, _ = response_logprobs(policy, seqs, attn, P, 1.0)
-        ref_logp, _, _ = response_logprobs(ref, seqs, attn, P, 1.0)
-        kls.append(((logp - ref_logp) * mask).sum(dim=1))
-    result["kl"] = torch.cat(kls).mean().item()
-    result["mean_length"] = sum(len(r[1]) for r in rows) / len(rows)
-    policy.train()
-    return result, completions
+        with rt.autocast:
+            return torch.cat([reward_at_last_token(reward_model, s, a) for s, a in zip(seqs.split(64), attn.split(64))])
 
-
-def batch_rows(rows, pad_id, device):
-    """[(prompt ids, response ids)] -> left-padded prompts + right-padded responses, attention mask, prompt width."""
-    prompts, prompt_mask = pad_left([p for p, _ in rows], pad_id)
-    R = max(len(r) for _, r in rows)
-    responses = torch.full((len(rows), R), pad_id, dtype=torch.long)
-    resp_mask = torch.zeros((len(rows), R), dtype=torch.long)
-    for i, (_, r) in enumerate(rows):
-        responses[i, :len(r)] = torch.tensor(r)
-        resp_mask[i, :len(r)] = 1
-    seqs = torch.cat([prompts, responses], dim=1).to(device)
-    attn = torch.cat([prompt_mask, resp_mask], dim=1).to(device)
-    return seqs, attn, prompts.size(1)
+    return task.evaluate_policy(policy, tok, eval_set, cfg.max_new_tokens, rt.device, rt.autocast,
+                                samples=cfg.eval_samples, ref_model=ref,
+                                scorer=scorer if reward_model is not None else None, seed=cfg.seed)
 
 
 def main(argv=None, score_fn=None):
@@ -254,14 +226,15 @@ def main(argv=None, score_fn=None):
     shared = cfg.critic == "shared"
     policy = model_from_checkpoint(sft_ckpt, sft_source, dropout=0.0, scalar_head=shared)
     ref = model_from_checkpoint(sft_ckpt, sft_source, dropout=0.0, scalar_head=False).eval().requires_grad_(False)
-    if score_fn is None and cfg.reward == "gold":
-        score_fn = lambda texts, responses, mask: gold_scores(tok, texts, responses, mask)
+    if score_fn is None and cfg.reward == "task":
+        score_fn = lambda texts, responses, mask: task_scores(tok, texts, responses, mask)
     reward_model, rm_stats, critic = None, (0.0, 1.0), None
     if score_fn is None or not shared:
         rm_ckpt = load_checkpoint(cfg.reward_model, hint="make it with `python train_rm.py config/rm_small.py`")
         if rm_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
-            raise UserError(f"the reward model uses the {rm_ckpt['tokenizer']!r} tokenizer but the policy uses "
-                            f"{sft_ckpt['tokenizer']!r}; train both from the same pretraining run")
+            raise UserError(f"the reward model uses the {tokenizer_name(rm_ckpt['tokenizer'])!r} tokenizer but the "
+                            f"policy uses {tokenizer_name(sft_ckpt['tokenizer'])!r}; train both from the same "
+                            f"pretraining run")
         rm_stats = (rm_ckpt.get("reward_mean", 0.0), max(rm_ckpt.get("reward_std", 1.0), 1e-6))
         if score_fn is None:
             reward_model = model_from_checkpoint(rm_ckpt, cfg.reward_model, dropout=0.0).eval().requires_grad_(False)
@@ -293,12 +266,12 @@ def main(argv=None, score_fn=None):
 
     # ---- prompts
     max_prompt = policy.config.block_size - cfg.max_new_tokens
-    _, prompts, prompt_ids, dropped = read_prompts(cfg.prompts_file, tok, cfg.template, max_prompt)
-    _, eval_texts, _, eval_dropped = read_prompts(cfg.eval_prompts, tok, cfg.template, max_prompt)
-    if cfg.eval_max_prompts:
-        eval_texts = eval_texts[:cfg.eval_max_prompts]
+    # raw prompts are what the task's judge reads; prompt_ids what the policy reads (the template applied)
+    prompts, _, prompt_ids, dropped = read_prompts(cfg.prompts_file, tok, cfg.template, max_prompt)
+    eval_set = task.read_eval_set(cfg.eval_prompts, tok, cfg.template, max_prompt, cfg.eval_max_prompts)
     print(f"{len(prompts)} rollout prompts ({dropped} longer than {max_prompt} tokens dropped), "
-          f"{len(eval_texts)} evaluation prompts ({eval_dropped} dropped); policy {policy.get_num_params() / 1e6:.2f}M "
+          f"{len(eval_set.prompts)} evaluation prompts ({eval_set.dropped} dropped); policy "
+          f"{policy.get_num_params() / 1e6:.2f}M "
           f"parameters, critic {cfg.critic}, reward {cfg.reward}")
 
     metrics = Metrics(cfg.out_dir, resume_iter=start_iter if ckpt else None)
@@ -313,18 +286,18 @@ def main(argv=None, score_fn=None):
             "stage": "ppo", "model_args": asdict(policy.config), "model": policy.state_dict(),
             "critic": critic.state_dict() if critic is not None else None, "optimizer": optimizer.state_dict(),
             "iter_num": iter_num, "kl_coef": kl_ctl.beta, "config": asdict(cfg), "rng": rng_state(),
-            "tokenizer": tok.name, "before": before, "template": cfg.template})
+            "tokenizer": tok.spec, "before": before, "template": cfg.template})
 
     with StopRequest() as stop:
         for it in range(start_iter, cfg.max_iters + 1):
             # ---- evaluate: before any update, every eval_interval, at the end
             at_end = it == cfg.max_iters or stop.requested
             if (it % cfg.eval_interval == 0 or at_end) and not (ckpt and it == start_iter):
-                last_eval, completions = evaluate(policy, ref, reward_model, tok, eval_texts, cfg, rt, rm_stats)
+                last_eval, completions = evaluate(policy, ref, reward_model, tok, eval_set, cfg, rt)
                 if before is None:
                     before = {"metrics": last_eval, "completions": completions[:cfg.eval_samples_shown]}
-                print(f"eval @ {it}: parses {last_eval['parses']:.3f}, degenerate {last_eval['degenerate']:.3f}, "
-                      f"RM score {last_eval.get('rm_score', float('nan')):.3f}, KL to SFT {last_eval['kl']:.3f} nats")
+                print(f"eval @ {it}: {task.describe(last_eval)}; RM score {last_eval.get('rm_score', float('nan')):.3f}",
+                      flush=True)
                 metrics.log(iter=it, **{f"eval_{k}": v for k, v in last_eval.items()})
                 save(it)
                 after_completions = completions
@@ -435,7 +408,7 @@ def main(argv=None, score_fn=None):
                       f"score {t2 - t1:.2f}s update {t3 - t2:.2f}s | eta {format_duration(eta)}", flush=True)
 
     # ---- the report: before/after table, curves, samples
-    table = write_report(cfg, before, last_eval, after_completions, eval_texts)
+    table = write_report(cfg, before, last_eval, after_completions, eval_set.inputs)
     print(table)
     print(f"done in {format_duration(time.time() - t_start)}; wrote {cfg.out_dir}/ckpt.pt, metrics.jsonl, ppo.png, "
           f"report.md")
@@ -443,20 +416,24 @@ def main(argv=None, score_fn=None):
 
 
 def write_report(cfg, before, after, after_completions, eval_texts):
-    rows = [("RM score mean", "rm_score"), ("gold: parses", "parses"), ("degenerate", "degenerate"),
-            ("KL to SFT (nats/response)", "kl"), ("mean response tokens", "mean_length")]
+    rows = [("RM score mean", "rm_score")] + task.MEASURES + [("KL to SFT (nats/response)", "kl")]
+    rows += [(f"pass@{cfg.eval_samples}, functions with arguments", f"pass@{cfg.eval_samples}_args")]
     table = before_after_table(before["metrics"], after, rows, "PPO")
     records = read_jsonl_records(os.path.join(cfg.out_dir, "metrics.jsonl"))
     train = [r for r in records if "score" in r]
-    evals = [r for r in records if "eval_parses" in r]
-    series = lambda rs, key: ([r["iter"] for r in rs], [r[key] for r in rs])
-    panels = {"rollout score": {"score": series(train, "score")},
-              "KL to SFT (nats/response)": {"rollout": series(train, "kl"), "eval": series(evals, "eval_kl")},
-              "gold (held-out prompts)": {"parses": series(evals, "eval_parses"),
-                                          "degenerate": series(evals, "eval_degenerate")}}
-    plot_curves(os.path.join(cfg.out_dir, "ppo.png"), panels, f"PPO ({cfg.reward} reward): {cfg.out_dir}")
+    evals = [r for r in records if "eval_solved" in r]
+    series = lambda rs, key: ([r["iter"] for r in rs if key in r], [r[key] for r in rs if key in r])
+    panels = {"rollout score (reward)": {"score": series(train, "score")},
+              "KL to SFT (nats/response)": {"rollout": series(train, "kl"), "held-out": series(evals, "eval_kl")},
+              "held-out prompts, greedy": {"solved, with arguments": series(evals, "eval_solved_args"),
+                                           "solved, all": series(evals, "eval_solved"),
+                                           "template share": series(evals, "eval_template")}}
+    if any("eval_rm_score" in r for r in evals):
+        panels["reward model's score, held-out"] = {"RM score": series(evals, "eval_rm_score")}
+    plot_curves(os.path.join(cfg.out_dir, "ppo.png"), panels, f"PPO ({cfg.reward} reward, seed {cfg.seed}): "
+                                                              f"{cfg.out_dir}")
     write_before_after(cfg.out_dir, "PPO", f"reward: {cfg.reward}; {len(eval_texts)} held-out prompts, greedy "
-                       f"completions (KL from sampled ones)", table, "ppo.png", before,
+                       f"completions (KL and pass@k from sampled ones)", table, "ppo.png", before,
                        {"metrics": after, "completions": after_completions}, eval_texts)
     return table
 

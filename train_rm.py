@@ -351,11 +351,11 @@ def main(argv=None):
     cfg, rt = start_single_process(Config, argv, "train_rm.py")
 
     # ---- the model: backbone + scalar head; the data is tokenized with the backbone's own tokenizer
-    model, ckpt, tokenizer_name, backbone = build_model(cfg)
+    model, ckpt, tokenizer_spec, backbone = build_model(cfg)
     for name, p in model.named_parameters():
         p.requires_grad_(is_trained(name, cfg))
     model.to(rt.device)
-    tok = get_tokenizer(tokenizer_name)
+    tok = get_tokenizer(tokenizer_spec)
     block_size = model.config.block_size
     train = load_data(cfg.train_file, cfg, tok, block_size, "train")
     val = load_data(cfg.val_file, cfg, tok, block_size, "val")
@@ -380,7 +380,7 @@ def main(argv=None):
     total, trained = (sum(p.numel() for p in model.parameters() if p.requires_grad or everything)
                       for everything in (True, False))
     print(f"reward model: backbone {backbone} ({total / 1e6:.2f}M parameters, {trained / 1e6:.2f}M "
-          f"trained), tokenizer {tokenizer_name!r}, {rt.device} {rt.dtype}; {cfg.max_iters * cfg.batch_size / n_train:.1f} "
+          f"trained), tokenizer {tok.name!r}, {rt.device} {rt.dtype}; {cfg.max_iters * cfg.batch_size / n_train:.1f} "
           f"epochs of {n_train} {'pairs' if cfg.loss == 'pairwise' else 'examples'}")
 
     # ---- the training loop
@@ -415,7 +415,7 @@ def main(argv=None):
                 save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
                     "stage": "rm", "model_args": asdict(model.config), "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
-                    "config": asdict(cfg), "rng": rng_state(), "tokenizer": tokenizer_name, "backbone": backbone,
+                    "config": asdict(cfg), "rng": rng_state(), "tokenizer": tokenizer_spec, "backbone": backbone,
                     **{k: v for k, v in last.items()}})
             if at_end:
                 break

@@ -11,9 +11,10 @@ response tokens (and the end-of-text that ends the response) are predicted for t
 with R the response positions of every example in the batch (a token-weighted mean). Learning to stop, the
 end-of-text after the response, is part of the task: a fine-tuned model ends its answer by itself.
 
-Before and after training (and at every evaluation) it reports the validation loss on response tokens and, for
-held-out prompts, how often the greedy completion makes a function that Python's parser accepts (`ast.parse`;
-generated code is never executed) and how often it is degenerate (empty, `pass`, or the same body every time).
+Before and after training (and at every evaluation) it reports the validation loss on response tokens and the
+task's held-out measures (tasks/pycode.py: how often the greedy completion solves its prompt, i.e. is a valid,
+non-trivial body that reads the function's arguments and is not a template; generated code is never executed),
+and at the end pass@k of sampled completions.
 
 Run (after `python train_lm.py config/lm_small.py`; about 3 minutes on a laptop CPU):
     python train_sft.py config/sft_small.py
@@ -32,10 +33,10 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from common import (complete, cosine_lr, encode_prompt_response, format_duration, format_prompt, gold_metrics,
-                    grad_scaler, init_model, Metrics, optimizer_step, pad_right, plot_curves, read_jsonl_records,
-                    read_prompts, read_sft_examples, rng_state, RunConfig, save_checkpoint, set_rng_state,
-                    start_single_process, StopRequest, UserError)
+from common import (complete, cosine_lr, encode_prompt_response, format_duration, format_prompt, grad_scaler, init_model,
+                    Metrics, optimizer_step, pad_right, plot_curves, read_jsonl_records, read_sft_examples, rng_state,
+                    RunConfig, save_checkpoint, set_rng_state, start_single_process, StopRequest, UserError)
+from tasks import pycode as task
 from tokenizer import get_tokenizer
 
 
@@ -53,6 +54,7 @@ class Config(RunConfig):
     block_size: int = 0  # context length; 0 means the model's own, smaller crops it; longer examples are dropped
     # evaluation
     eval_max_prompts: int = 0  # complete this many of the eval prompts greedily at each evaluation; 0 means all
+    eval_samples: int = 8  # sampled completions per prompt at the last evaluation (pass@k); 0: greedy only
     max_new_tokens: int = 96  # completion length limit; eval prompts longer than the context minus this are dropped
     eval_batch_size: int = 64  # rows per batch in evaluation (loss and generation)
     # optimisation
@@ -136,9 +138,9 @@ def epoch_order(seed, epoch, n):
 # evaluation
 
 @torch.no_grad()
-def evaluate(model, val_examples, eval_prompts, tok, cfg, rt):
-    """Validation loss on response tokens over every validation example, and the gold measures of greedy
-    completions of the eval prompts (the raw prompt + completion must parse as Python)."""
+def evaluate(model, val_examples, eval_set, tok, cfg, rt, samples=0):
+    """Validation loss on response tokens over every validation example, and the task's measures of greedy
+    completions of the held-out prompts (with `samples` sampled completions per prompt: pass@k too)."""
     model.eval()
     nll, count = 0.0, 0
     for i in range(0, len(val_examples), cfg.eval_batch_size):
@@ -146,16 +148,14 @@ def evaluate(model, val_examples, eval_prompts, tok, cfg, rt):
         with rt.autocast:
             s, c = response_loss_sum(model, x.to(rt.device), y.to(rt.device))
         nll, count = nll + s.item(), count + c
-    raw, formatted = eval_prompts
-    completions, _ = complete(model, tok, formatted, cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
-                              device=rt.device, autocast=rt.autocast)
+    measures, completions = task.evaluate_policy(model, tok, eval_set, cfg.max_new_tokens, rt.device, rt.autocast,
+                                                 samples=samples, seed=cfg.seed, batch_size=cfg.eval_batch_size)
     model.train()
-    return {"val_loss": nll / count, **gold_metrics(raw, completions)}, completions
+    return {"val_loss": nll / count, **measures}, completions
 
 
 def describe(m):
-    return (f"val response loss {m['val_loss']:.4f}, parses {m['parses']:.1%}, degenerate {m['degenerate']:.1%}, "
-            f"parses and not degenerate {m['parses_not_degenerate']:.1%}")
+    return f"val response loss {m['val_loss']:.4f}; {task.describe(m)}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def main(argv=None):
         raise UserError("SFT fine-tunes a pretrained model: set init_from to a pretraining out_dir (e.g. "
                         "out/lm_small, made by `python train_lm.py config/lm_small.py`), a GPT-2 name or 'resume'")
     model_args = {"dropout": cfg.dropout, **({"block_size": cfg.block_size} if cfg.block_size else {})}
-    model, ckpt, tokenizer_name = init_model(
+    model, ckpt, tokenizer_spec = init_model(
         cfg.init_from, cfg.out_dir, model_args, None,
         stage_hint="make it with `python train_lm.py config/lm_small.py` (or set init_from to a pretraining out_dir)")
     if ckpt is not None and ckpt.get("template", cfg.template) != cfg.template:
@@ -179,10 +179,10 @@ def main(argv=None):
     if cfg.block_size and cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
     block_size = model.config.block_size
-    tok = get_tokenizer(tokenizer_name)
+    tok = get_tokenizer(tokenizer_spec)
     if model.config.vocab_size < tok.n_vocab:
         raise UserError(f"the model has {model.config.vocab_size} token embeddings, fewer than the "
-                        f"{tokenizer_name!r} tokenizer's {tok.n_vocab}")
+                        f"{tok.name!r} tokenizer's {tok.n_vocab}")
     model.to(rt.device)
 
     # ---- data: text -> (prompt ids, response ids + end-of-text); examples longer than the context are dropped
@@ -193,15 +193,14 @@ def main(argv=None):
         print(f"{path}: {len(kept)} examples, {dropped} longer than the context ({block_size} tokens) dropped")
         if not kept:
             raise UserError(f"{path}: every example is longer than the context ({block_size} tokens)")
-    # prompts leaving no room for max_new_tokens are dropped, the same rule train_ppo.py uses, so that the parse
-    # shares of both stages are comparable
-    eval_raw, eval_formatted, _, eval_dropped = read_prompts(cfg.eval_prompts, tok, cfg.template,
-                                                             block_size - cfg.max_new_tokens)
-    if cfg.eval_max_prompts:
-        eval_raw, eval_formatted = eval_raw[:cfg.eval_max_prompts], eval_formatted[:cfg.eval_max_prompts]
-    print(f"{cfg.eval_prompts}: completing {len(eval_raw)} prompts greedily at each evaluation "
-          f"({eval_dropped} longer than {block_size - cfg.max_new_tokens} tokens dropped)")
-    print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, tokenizer {tokenizer_name!r}, context "
+    # prompts leaving no room for max_new_tokens are dropped, the same rule every stage uses, so that the
+    # measures of all stages are taken on the same prompts
+    eval_set = task.read_eval_set(cfg.eval_prompts, tok, cfg.template, block_size - cfg.max_new_tokens,
+                                  cfg.eval_max_prompts)
+    print(f"{cfg.eval_prompts}: completing {len(eval_set.prompts)} prompts greedily at each evaluation "
+          f"({eval_set.dropped} longer than {block_size - cfg.max_new_tokens} tokens dropped), and {cfg.eval_samples} "
+          f"samples of each at the last")
+    print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, tokenizer {tok.name!r}, context "
           f"{block_size}, template {cfg.template!r}, {rt.device} {rt.dtype}")
 
     # ---- optimizer, and the state of an interrupted run
@@ -237,7 +236,8 @@ def main(argv=None):
             at_end = iter_num >= cfg.max_iters or stop.requested
             if (iter_num % cfg.eval_interval == 0 or at_end) and iter_num != resumed_at:
                 t0 = time.time()
-                last, completions = evaluate(raw_model, val_examples, (eval_raw, eval_formatted), tok, cfg, rt)
+                last, completions = evaluate(raw_model, val_examples, eval_set, tok, cfg, rt,
+                                             samples=cfg.eval_samples if at_end else 0)
                 before = before or last  # the first evaluation is of the initial (pretrained) model
                 print(f"step {iter_num}: {describe(last)} ({format_duration(time.time() - t0)})")
                 metrics.log(iter=iter_num, **last)
@@ -245,7 +245,7 @@ def main(argv=None):
                     "stage": "sft", "model_args": asdict(raw_model.config), "model": raw_model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
                     "val_loss": last["val_loss"], "eval": last, "before": before, "config": asdict(cfg),
-                    "rng": rng_state(), "tokenizer": tokenizer_name, "template": cfg.template})
+                    "rng": rng_state(), "tokenizer": tokenizer_spec, "template": cfg.template})
             if at_end:
                 break
 
@@ -279,17 +279,20 @@ def main(argv=None):
     records = read_jsonl_records(metrics.path)
     series = lambda key: tuple(zip(*[(r["iter"], r[key]) for r in records if key in r])) or ((), ())
     panels = {"response loss (nats per token)": {"train": series("train_loss"), "val": series("val_loss")},
-              "greedy completions of eval prompts": {"parses": series("parses"), "degenerate": series("degenerate")}}
+              "greedy completions of held-out prompts": {
+                  "solved, functions with arguments": series("solved_args"), "solved, all": series("solved"),
+                  "parses": series("parses"), "template share": series("template")}}
     plot_curves(os.path.join(cfg.out_dir, "sft.png"), panels, f"supervised fine-tuning: {cfg.out_dir}")
     print(f"done: step {iter_num} in {format_duration(time.time() - t_start)}; "
           f"val response loss {before['val_loss']:.4f} -> {last['val_loss']:.4f}, "
-          f"parses {before['parses']:.1%} -> {last['parses']:.1%}, "
-          f"degenerate {before['degenerate']:.1%} -> {last['degenerate']:.1%} on {len(eval_raw)} eval prompts; "
-          f"wrote {cfg.out_dir}/ckpt.pt, metrics.jsonl, sft.png")
+          f"solved with arguments {before['solved_args']:.1%} -> {last['solved_args']:.1%}, "
+          f"solved {before['solved']:.1%} -> {last['solved']:.1%}, parses {before['parses']:.1%} -> "
+          f"{last['parses']:.1%} on {len(eval_set.prompts)} held-out prompts; wrote {cfg.out_dir}/ckpt.pt, "
+          f"metrics.jsonl, sft.png")
     if not completions:  # resumed at the very end: nothing was evaluated in this run
-        completions, _ = complete(raw_model, tok, eval_formatted[:3], cfg.max_new_tokens, device=rt.device,
+        completions, _ = complete(raw_model, tok, eval_set.inputs[:3], cfg.max_new_tokens, device=rt.device,
                                   autocast=rt.autocast)
-    for prompt, completion in list(zip(eval_formatted, completions))[:3]:
+    for prompt, completion in list(zip(eval_set.inputs, completions))[:3]:
         print(f"---------- prompt\n{prompt}---------- completion\n{completion}")
     return {"before": before, "after": last}
 

@@ -33,3 +33,15 @@ def write_token_dataset(directory, text=None, tokenizer="byte"):
 @pytest.fixture
 def token_dataset(tmp_path):
     return write_token_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def stdlib_data(tmp_path_factory):
+    """data/pycode/prepare.py run on this machine's standard library (byte tokenizer: a few seconds), once."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pycode_prepare", os.path.join(ROOT, "data", "pycode", "prepare.py"))
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    out = tmp_path_factory.mktemp("stdlib_data")
+    prepare.main([f"--out_dir={out}"])
+    return str(out)

@@ -7,33 +7,32 @@ import pytest
 
 import collect_pairs
 import train_rm
-from common import UserError, is_degenerate, read_preference_pairs
+from common import UserError, read_preference_pairs
+from tasks import pycode as task
 from test_rm import tiny_lm, write_jsonl  # noqa: F401  (tiny_lm: a fixture, a tiny trained GPT)
 
 PROMPT = 'def add(a, b):\n    """Sum."""\n'
 
 
-def test_the_labeler_wants_a_finished_function_python_accepts():
-    assert collect_pairs.label(PROMPT, "    return a + b\n", has_eot=True)
-    assert not collect_pairs.label(PROMPT, "    return a + b\n", has_eot=False)  # cut off by the length limit
-    assert not collect_pairs.label(PROMPT, "    return (a + b\n", has_eot=True)  # Python rejects it
-    assert not collect_pairs.label(PROMPT, "    pass\n", has_eot=True)  # parses, does nothing
+def test_the_labeler_grades_with_the_tasks_judge_and_wants_a_finished_response():
+    grades = task.grade([PROMPT] * 4, ["    return a + b\n", "    return a + b\n", "    return 1\n", "    pass\n"],
+                        [True, False, True, True])
+    assert grades == [task.SOLVED, 0, 2, 1]  # solved; cut off by the length limit; ignores a and b; does nothing
 
 
-def test_each_bad_sample_is_paired_with_a_good_one_or_the_reference():
+def test_each_sample_that_does_not_solve_is_paired_with_one_that_does_or_the_reference():
     rng = random.Random(0)
-    samples = [("    return a + b\n", True), ("    return (a\n", False), ("    return (a\n", False),
-               ("    ret\n  x\n", False), ("   \n", False)]
-    pairs = collect_pairs.ranked_pairs(PROMPT, "    return b + a\n", samples, rng, max_pairs=5)
-    # distinct bad responses only (a blank one too), each against the good sample
-    assert sorted(pairs) == [("    return a + b\n", "   \n"), ("    return a + b\n", "    ret\n  x\n"),
-                             ("    return a + b\n", "    return (a\n")]
-    assert len(collect_pairs.ranked_pairs(PROMPT, "ref", samples, rng, max_pairs=1)) == 1
-    # no good sample: the real body is the chosen response
-    only_bad = [("    return (a\n", False)]
-    assert collect_pairs.ranked_pairs(PROMPT, "    return b + a\n", only_bad, rng, 2) == [
-        ("    return b + a\n", "    return (a\n")]
-    assert collect_pairs.ranked_pairs(PROMPT, "ref", [("    return a\n", True)], rng, 2) == []  # nothing to rank
+    samples = [("    return a + b\n", 3), ("    return (a\n", 0), ("    return (a\n", 0), ("    return 1\n", 2),
+               ("   \n", 1)]
+    pairs = collect_pairs.ranked_pairs("    return b + a\n", samples, rng, max_pairs=5)
+    # distinct unsolved responses only (a blank one too), each against the solving sample, lowest grades first
+    assert pairs == [("    return a + b\n", "    return (a\n"), ("    return a + b\n", "   \n"),
+                     ("    return a + b\n", "    return 1\n")]
+    assert collect_pairs.ranked_pairs("ref", samples, rng, max_pairs=1) == [("    return a + b\n", "    return (a\n")]
+    # no sample solves the prompt: the real body is the chosen response
+    assert collect_pairs.ranked_pairs("    return b + a\n", [("    return 1\n", 2)], rng, 2) == [
+        ("    return b + a\n", "    return 1\n")]
+    assert collect_pairs.ranked_pairs("ref", [("    return a\n", 3)], rng, 2) == []  # nothing to rank
 
 
 def test_a_tiny_run_writes_pairs_train_rm_reads_beside_other_files(tiny_lm, tmp_path):
@@ -69,9 +68,8 @@ def test_bad_settings_are_clear_errors(tiny_lm, tmp_path):
         collect_pairs.main([f"--init_from={tmp_path / 'nothing'}", f"--out_dir={tmp_path}"])
 
 
-def test_an_empty_rejected_response_is_read_and_do_nothing_bodies_are_degenerate(tmp_path):
+def test_an_empty_rejected_response_is_read_and_ranks_below_a_real_body(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": PROMPT, "chosen": "    return a + b\n", "rejected": ""}])
     assert read_preference_pairs(path)[0]["rejected"] == ""
-    for body in ("", "  pass\n", "    ...\n", "    return\n", "    return None\n"):
-        assert is_degenerate(body) and not collect_pairs.label(PROMPT, body, has_eot=True)
-    assert not is_degenerate("    return a\n")
+    for body in ("", "    pass\n", "    ...\n", "    return\n", "    return None\n"):
+        assert task.grade([PROMPT], [body], [True]) == [1]

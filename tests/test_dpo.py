@@ -163,14 +163,14 @@ def test_training_lowers_the_loss_and_writes_checkpoint_metrics_plot_and_report(
     train = [r["train_loss"] for r in records if "train_loss" in r]
     assert len(train) == 24 and sum(train[-4:]) / 4 < sum(train[:4]) / 4
     assert set(records[0]["val_accuracy_by_kind"]) == {"up", "down"}
-    assert all(0 <= r["parses"] <= 1 and 0 <= r["degenerate"] <= 1 for r in records if "parses" in r)
+    assert all(0 <= r["solved"] <= 1 and 0 <= r["template"] <= 1 for r in records if "solved" in r)
     ckpt = load_checkpoint(str(out))
     assert ckpt["stage"] == "dpo" and ckpt["iter_num"] == 24 and ckpt["tokenizer"] == "byte"
     assert ckpt["config"]["init_from"] == tiny["sft"]
     assert int((~ckpt["ref_train"][:, 0].isnan()).sum()) == 64  # 3 epochs of 64 pairs: each computed once
     report = (out / "report.md").read_text()
     assert "SFT (before)" in report and "DPO (after)" in report and "val implicit accuracy" in report
-    assert "gold: parses" in printed and "reference log-probs of 64 training and 24 held-out pairs" in printed
+    assert "solved" in printed and "reference log-probs of 64 training and 24 held-out pairs" in printed
     assert json.loads((out / "before_after.json").read_text())["after"]["val_loss"] == pytest.approx(after["val_loss"])
 
 

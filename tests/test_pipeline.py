@@ -1,37 +1,47 @@
-"""pipeline.py: the whole recipe at a tiny size runs every stage, which each leave a checkpoint, metrics and a
-plot, and the report has every section, with SFT, PPO and DPO side by side."""
+"""pipeline.py: the whole recipe at a tiny size runs every stage, the RL stages once per seed (the first seed to
+twice the iterations), each leaving a checkpoint, metrics and a plot; the report has every section, with SFT and the
+RL stages side by side as mean (min–max) over seeds, and one plot per RL stage with every seed's curves."""
 import os
 
 import pipeline
-from common import load_checkpoint
+from common import load_checkpoint, read_jsonl_records
 
 
-def test_tiny_pipeline_runs_every_stage_and_writes_the_report(tmp_path, capsys):
+def test_tiny_pipeline_runs_every_stage_over_seeds_and_writes_the_report(tmp_path, capsys):
     out = str(tmp_path / "out")
-    pipeline.main(["--tiny=True", f"--out={out}"])
-    for stage, plot in (("lm_small", "loss.png"), ("sft_small", "sft.png"), ("rm_small", "rm.png"),
-                        ("ppo_small", "ppo.png"), ("dpo_small", "dpo.png")):
+    pipeline.main(["--tiny=True", f"--out={out}", "--seeds=2"])
+    for stage, plot in (("lm_small", "loss.png"), ("sft_small", "sft.png"), ("rm_small", "rm.png")):
         for name in ("ckpt.pt", "metrics.jsonl", plot):
             assert os.path.exists(os.path.join(out, stage, name)), (stage, name)
         assert load_checkpoint(os.path.join(out, stage))["tokenizer"] == "byte"
+    for stage, plot in (("ppo_small", "ppo.png"), ("dpo_small", "dpo.png")):
+        for seed in (1, 2):
+            run = os.path.join(out, stage, f"seed{seed}")
+            for name in ("ckpt.pt", "metrics.jsonl", plot, "report.md"):
+                assert os.path.exists(os.path.join(run, name)), (run, name)
+            assert load_checkpoint(run)["config"]["seed"] == seed
+        # the first seed runs to twice the config's iterations, the others stop there
+        evals = [sorted(pipeline.evaluations(os.path.join(out, stage, f"seed{s}"))) for s in (1, 2)]
+        assert evals[0][-1] == 2 * evals[1][-1] and evals[1][-1] in evals[0]
+        assert os.path.exists(os.path.join(out, f"{stage.split('_')[0]}_seeds.png"))
     for name in ("pref_train.jsonl", "pref_val.jsonl", "meta.json"):  # the SFT model's samples, ranked
         assert os.path.exists(os.path.join(out, "pairs_small", name)), name
     report = open(os.path.join(out, "report.md")).read()
-    for section in ("## Results", "pretrain | val loss", "SFT | completions that parse", "RM | held-out accuracy", "pairs | SFT samples the parser accepts",
-                    "RM | accuracy: sampled", "RM | held-out accuracy: " + os.path.join(out, "pairs_small"),
-                    "RM | accuracy: truncated", "PPO | gold: parses", "KL to SFT", "## Curves", "![PPO](ppo_small/ppo.png)",
-                    "## Before and after PPO", "wall time", "DPO | held-out implicit accuracy",
-                    "DPO | implicit accuracy: truncated", "## SFT, PPO and DPO on the held-out prompts",
-                    "| measure | SFT | PPO | DPO |", "| gold: parses |", "![DPO](dpo_small/dpo.png)",
-                    "## Before and after DPO"):
+    for section in ("## Results", "pretrain | val loss", "SFT | solved, functions with arguments",
+                    "RM | held-out accuracy", "pairs | SFT samples that solve their prompt", "RM | accuracy: sampled",
+                    "RM | accuracy: truncated", "## SFT and the RL stages on the held-out prompts",
+                    "| measure | SFT | PPO (2 seeds) | DPO (2 seeds) |", "| solved, functions with arguments |",
+                    "| template share |", "| similarity to real body (chrF) |", "| KL to SFT (nats/response) |",
+                    "![PPO](ppo_seeds.png)", "![DPO](dpo_seeds.png)", "## Before and after PPO (seed 1)",
+                    "## Before and after DPO (seed 1)", "at commit", "wall time", "- PPO: solved on functions"):
         assert section in report, section
+    row = next(line for line in report.splitlines() if line.startswith("| solved, functions with arguments |"))
+    assert row.count("–") == 2 * 1  # each RL column is 'mean (min–max)' over the two seeds; SFT is one number
     printed = capsys.readouterr().out
     assert "[pretrain] $ python train_lm.py config/lm_small.py" in printed
-    assert "[dpo] $ python train_dpo.py config/dpo_small.py" in printed
+    assert "[dpo] $ python train_dpo.py config/dpo_small.py" in printed and "--seed=2" in printed
     assert "[pairs] $ python collect_pairs.py config/pairs_small.py" in printed
-    # the side-by-side table has a number in every column: the DPO stage wrote its before/after measures
-    row = next(line for line in report.splitlines() if line.startswith("| gold: parses |"))
-    assert "–" not in row and load_checkpoint(os.path.join(out, "dpo_small"))["stage"] == "dpo"
-    # a second run skips every finished stage
-    pipeline.main(["--tiny=True", f"--out={out}"])
-    assert capsys.readouterr().out.count("done already") == 7
+    # a second run skips every finished run: 5 stages and 2 seeds of each RL stage
+    pipeline.main(["--tiny=True", f"--out={out}", "--seeds=2"])
+    assert capsys.readouterr().out.count("done already") == 5 + 2 * 2
+    assert read_jsonl_records(os.path.join(out, "ppo_small", "seed1", "metrics.jsonl"))

@@ -169,7 +169,7 @@ def test_end_to_end_ppo_raises_a_toy_reward_with_a_known_optimum(tmp_path):
     for name in ("ckpt.pt", "metrics.jsonl", "ppo.png", "report.md", "before_after.json"):
         assert (out / name).exists()
     report = (out / "report.md").read_text()
-    assert "SFT (before)" in report and "PPO (after)" in report and "gold: parses" in report
+    assert "SFT (before)" in report and "PPO (after)" in report and "solved, functions with arguments" in report
 
 
 def test_ppo_resume_is_exact(tmp_path):

@@ -205,7 +205,8 @@ def test_training_lowers_the_response_loss_and_writes_checkpoint_metrics_and_plo
     records = read_jsonl_records(str(out / "metrics.jsonl"))
     evals = [r for r in records if "val_loss" in r]
     assert [r["iter"] for r in evals] == [0, 15, 30]
-    assert all(0 <= r["parses"] <= 1 and 0 <= r["degenerate"] <= 1 for r in evals)
+    assert all(0 <= r["solved"] <= 1 and 0 <= r["parses"] <= 1 and 0 <= r["template"] <= 1 for r in evals)
+    assert "pass@8" in evals[-1] and "pass@8" not in evals[0]  # sampled completions at the last evaluation only
     ckpt = load_checkpoint(str(out))
     assert ckpt["stage"] == "sft" and ckpt["iter_num"] == 30 and ckpt["template"] == "none"
     assert ckpt["tokenizer"] == load_checkpoint(files["lm"])["tokenizer"] == "byte"

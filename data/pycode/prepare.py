@@ -7,6 +7,7 @@ has it, and it is real, well-documented code. From it we write what each trainin
 
     train.bin, val.bin       pretraining: uint16 token ids, each file's text followed by end-of-text
     sft_{train,val}.jsonl    fine-tuning: {"prompt": def line(s) + docstring, "response": the body}
+    sft_train_renamed.jsonl  fine-tuning: training functions with their arguments renamed (prompt and body alike)
     pref_{train,val}.jsonl   reward model / DPO: {"prompt", "chosen", "rejected", "kind"}
     prompts_train.jsonl      PPO: {"prompt"}, from the train split
     prompts_eval.jsonl       evaluation: {"prompt", "reference"}, from the val split only
@@ -20,10 +21,12 @@ Run from the repo root:
 
     python data/pycode/prepare.py                      # byte tokenizer, small CPU scale
     python data/pycode/prepare.py --tokenizer=gpt2     # GPT-2's BPE, into data/pycode/gpt2 (dataset='pycode/gpt2')
+    python data/pycode/prepare.py --tokenizer=bpe      # a BPE learnt from the train split, into data/pycode/bpe
     python data/pycode/prepare.py --max_body_lines=20  # GPU scale: a bigger model can learn longer bodies
 """
 import argparse
 import ast
+import builtins
 import functools
 import hashlib
 import json
@@ -42,7 +45,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for tokenizer.py and common.py
 from common import write_atomic, write_jsonl  # noqa: E402
-from tokenizer import TOKENIZERS, get_tokenizer  # noqa: E402
+from tasks.pycode import argument_names, is_trivial_statement as is_trivial, reads_any  # noqa: E402
+from tokenizer import BPETokenizer, TOKENIZERS, get_tokenizer, train_bpe  # noqa: E402
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 SPLITS = ("train", "val")
@@ -58,7 +62,10 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = _Parser(description="Build the pycode dataset from the Python standard library.", allow_abbrev=False)
-    p.add_argument("--tokenizer", default="byte", help=f"one of {sorted(TOKENIZERS)}")
+    p.add_argument("--tokenizer", default="byte", help=f"one of {sorted(TOKENIZERS) + ['bpe']}; bpe is learnt here, "
+                                                      f"from the train split")
+    p.add_argument("--vocab_size", type=int, default=2048, help="with --tokenizer=bpe: the vocabulary size, "
+                                                                 "end-of-text included")
     p.add_argument("--src_dir", default=STDLIB, help="where to look for .py files (default: this Python's stdlib)")
     p.add_argument("--out_dir", default=None,
                    help="where to write (default: next to this script; data/pycode/gpt2 with --tokenizer=gpt2, so that "
@@ -74,15 +81,21 @@ def parse_args(argv=None):
     p.add_argument("--train_pairs_per_function", type=int, default=3,
                    help="preference pairs per training function, each of a different kind where that many apply: "
                         "more pairs for the reward model at no cost in functions (val keeps one per function)")
-    p.add_argument("--seed", type=int, default=0, help="for the preference pairs' corruptions")
+    p.add_argument("--renamed_copies", type=int, default=1,
+                   help="copies of each training function whose body reads its arguments, with the arguments renamed "
+                        "(sft_train_renamed.jsonl)")
+    p.add_argument("--seed", type=int, default=0, help="for the preference pairs' corruptions and the renaming")
     p.add_argument("--max_files", type=int, default=0, help="use only the first N files, 0 = all (quick tests)")
     args = p.parse_args(argv)
-    if args.tokenizer not in TOKENIZERS:
-        raise SystemExit(f"prepare.py: unknown tokenizer {args.tokenizer!r}; choose one of {sorted(TOKENIZERS)}")
+    if args.tokenizer not in TOKENIZERS and args.tokenizer != "bpe":
+        raise SystemExit(f"prepare.py: unknown tokenizer {args.tokenizer!r}; choose one of "
+                         f"{sorted(TOKENIZERS) + ['bpe']}")
+    if not 258 <= args.vocab_size <= 2 ** 16:
+        raise SystemExit(f"prepare.py: --vocab_size must be between 258 and 65536, got {args.vocab_size}")
     if args.out_dir is None:
         args.out_dir = HERE if args.tokenizer == "byte" else os.path.join(HERE, args.tokenizer)
     for name, low in (("val_every", 2), ("max_body_lines", 1), ("max_tokens", 1), ("max_files", 0),
-                      ("train_pairs_per_function", 1)):
+                      ("train_pairs_per_function", 1), ("renamed_copies", 0)):
         if getattr(args, name) < low:
             raise SystemExit(f"prepare.py: --{name} must be at least {low}, got {getattr(args, name)}")
     return args
@@ -141,21 +154,6 @@ def dedent(lines, indent):
         return None
     text = "".join(line[len(indent):] if line.strip() else "\n" for line in lines)
     return text if text.endswith("\n") else text + "\n"
-
-
-def is_trivial(stmt):
-    """pass, ..., a bare return (or return None), raise NotImplementedError: a body made of these teaches nothing."""
-    if isinstance(stmt, ast.Pass):
-        return True
-    if isinstance(stmt, ast.Return) and (stmt.value is None or (
-            isinstance(stmt.value, ast.Constant) and stmt.value.value is None)):
-        return True
-    if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and stmt.value.value is Ellipsis:
-        return True
-    if isinstance(stmt, ast.Raise) and stmt.exc is not None:
-        exc = stmt.exc.func if isinstance(stmt.exc, ast.Call) else stmt.exc
-        return isinstance(exc, ast.Name) and exc.id == "NotImplementedError"
-    return False
 
 
 def function_pair(node, lines, tok, max_body_lines, max_tokens):
@@ -301,23 +299,12 @@ def names(text):
     return set(IDENTIFIER.findall(text)) - COMMON_NAMES
 
 
-def argument_names(prompt):
-    """The parameters of the function a prompt declares, without self/cls. A prompt (def line + docstring) is a
-    complete function on its own: the docstring is its body."""
-    try:
-        args = ast.parse(prompt).body[0].args
-    except (SyntaxError, IndexError, AttributeError):
-        return set()
-    every = args.posonlyargs + args.args + args.kwonlyargs + [a for a in (args.vararg, args.kwarg) if a]
-    return {a.arg for a in every} - COMMON_NAMES
-
-
 def other_function(body, rng, pool, prompt):
     """The body of another function of the same split, one that uses none of the names the prompt mentions
     (arguments, words of the docstring) while the real body uses one of the arguments: valid code that ignores
     what it was given, so plainly not an answer to this prompt."""
     wanted = names(prompt)
-    if not names(body) & argument_names(prompt):
+    if not names(body) & set(argument_names(prompt)):
         # the real body does not visibly use its arguments either (e.g. `self._unsupported("fileno")` for
         # `def fileno(self)`): telling it from another function's body would be guesswork, so the kind is ambiguous
         return None
@@ -328,6 +315,12 @@ def other_function(body, rng, pool, prompt):
     return None
 
 
+def argument_pool(pairs):
+    """Every argument name of these functions but Python's builtins (`type`, `id`...), sorted: the names renamed
+    arguments are drawn from."""
+    return sorted({name for prompt, _ in pairs for name in argument_names(prompt)} - set(dir(builtins)))
+
+
 def does_nothing(body, rng):
     """A body that parses and does nothing: empty, pass, ..., a bare return. A policy rewarded for code that
     parses finds these first, so the reward model has to have seen them lose."""
@@ -336,8 +329,68 @@ def does_nothing(body, rng):
     return rng.choice(["", indent + "pass\n", indent + "...\n", indent + "return\n", indent + "return None\n"])
 
 
+def _rename_spans(prompt, body, renames, in_prompt=True):
+    """prompt + body with the argument names in `renames` ({old: new}) replaced where Python reads them as those
+    arguments: the parameters of the def line, the names in the body (not attributes such as `self.name`, not
+    keywords of a call such as `f(name=1)`), and the words of the docstring. (prompt, body) or None."""
+    text = prompt + body
+    tree = parse(text)
+    if tree is None or not isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return None
+    fn = tree.body[0]
+    prompt_lines = prompt.count("\n")
+    spots = []  # (line index, byte column, old name)
+    for node in ast.walk(fn):
+        name = node.arg if isinstance(node, ast.arg) else node.id if isinstance(node, ast.Name) else None
+        if name in renames and (in_prompt or node.lineno > prompt_lines):
+            spots.append((node.lineno - 1, node.col_offset, name))
+    lines = [line.encode("utf-8") for line in split_lines(text)]
+    for i, col, name in sorted(spots, reverse=True):  # right to left, so earlier columns stay valid
+        lines[i] = lines[i][:col] + renames[name].encode("utf-8") + lines[i][col + len(name.encode("utf-8")):]
+    lines = [line.decode("utf-8") for line in lines]
+    if in_prompt:  # the docstring speaks of the arguments by name
+        doc = fn.body[0]
+        for i in range(doc.lineno - 1, doc.end_lineno):
+            for old, new in renames.items():
+                lines[i] = re.sub(rf"(?<![\w.]){re.escape(old)}(?!\w)", new, lines[i])
+    new_prompt, new_body = "".join(lines[:prompt_lines]), "".join(lines[prompt_lines:])
+    return (new_prompt, new_body) if parses(new_prompt + new_body) else None
+
+
+def renamed_arguments(prompt, body, rng, pool):
+    """The same function with its arguments renamed consistently, in the def line, the docstring and the body, to
+    other argument names of the corpus: a demonstration that the body's names come from the prompt, not from
+    memory. None when the body reads no argument (nothing to learn from it) or renaming fails."""
+    args = argument_names(prompt)
+    taken = names(prompt + body) | set(args)
+    fresh = [n for n in pool if n not in taken]
+    if not args or not fresh or not reads_arguments(prompt, body):
+        return None
+    renames = dict(zip(args, rng.sample(fresh, min(len(args), len(fresh)))))
+    return _rename_spans(prompt, body, renames)
+
+
+def reads_arguments(prompt, body):
+    tree = parse(prompt + body)
+    statements = tree.body[0].body[1:] if tree is not None else []
+    return reads_any(statements, set(argument_names(prompt)))
+
+
+def wrong_names(body, rng, pool, prompt):
+    """The real body with the arguments it reads renamed in the body only: valid-looking code that reads names
+    the function was never given."""
+    args = argument_names(prompt)
+    if not reads_arguments(prompt, body):
+        return None
+    fresh = [n for n in pool if n not in names(prompt + body) | set(args)]
+    renamed = _rename_spans(prompt, body, dict(zip(args, rng.sample(fresh, min(len(args), len(fresh))))),
+                            in_prompt=False)
+    return renamed[1] if renamed else None
+
+
 CORRUPTIONS = {"truncated": truncated, "unbalanced": unbalanced, "bad_indent": bad_indent,
-               "shuffled": shuffled, "other_function": other_function, "does_nothing": does_nothing}
+               "shuffled": shuffled, "other_function": other_function, "does_nothing": does_nothing,
+               "wrong_names": wrong_names}
 MUST_NOT_PARSE = ("truncated", "unbalanced", "bad_indent")
 
 
@@ -345,10 +398,12 @@ def preference_pairs(pairs, rng, per_function=1):
     """Up to per_function preference pairs per (prompt, response) pair, each rejecting with a different kind.
     Returns (rows, pairs per kind, functions skipped because no kind applies)."""
     pool = [r for _, r in pairs]
+    name_pool = argument_pool(pairs)
     used, rows, skipped = Counter({kind: 0 for kind in CORRUPTIONS}), [], 0
     for prompt, chosen in pairs:
         options = {}
-        corrupt = dict(CORRUPTIONS, other_function=functools.partial(other_function, pool=pool, prompt=prompt))
+        corrupt = dict(CORRUPTIONS, other_function=functools.partial(other_function, pool=pool, prompt=prompt),
+                       wrong_names=functools.partial(wrong_names, pool=name_pool, prompt=prompt))
         for kind, fn in corrupt.items():
             rejected = fn(chosen, rng)
             if rejected is None or rejected == chosen or (kind in MUST_NOT_PARSE and parses(prompt + rejected)):
@@ -369,8 +424,6 @@ def main(argv=None):
     args = parse_args(argv)
     for key, value in vars(args).items():
         print(f"{key} = {value}")
-    tok = get_tokenizer(args.tokenizer)
-    assert tok.n_vocab <= 2 ** 16, "token ids must fit in uint16"
     src_dir = os.path.abspath(args.src_dir)
     paths = find_source_files(src_dir, args.max_files) if os.path.isdir(src_dir) else []
     if not paths:
@@ -392,6 +445,14 @@ def main(argv=None):
             continue
         texts[split].append(text)
         counts[split].update(files=1, bytes=len(raw), chars=len(text), lines=text.count("\n"))  # lines as wc -l
+    # the tokenizer: a fixed one, or a BPE learnt from the train split only (val stays unseen, as text)
+    if args.tokenizer == "bpe":
+        t_bpe = time.time()
+        tok = BPETokenizer(train_bpe(texts["train"], args.vocab_size))
+        print(f"learnt {tok.name} from the train split in {time.time() - t_bpe:.1f}s")
+    else:
+        tok = get_tokenizer(args.tokenizer)
+    assert tok.n_vocab <= 2 ** 16, "token ids must fit in uint16"
     os.makedirs(args.out_dir, exist_ok=True)
     out = functools.partial(os.path.join, args.out_dir)
     written = {}
@@ -414,6 +475,13 @@ def main(argv=None):
     dropped["val"]["prompt_in_train"] = sum(prompt in train_prompts for prompt, _ in sft["val"])
     sft["val"] = [(prompt, response) for prompt, response in sft["val"] if prompt not in train_prompts]
 
+    # demonstrations that the body's names come from the prompt: training functions with their arguments renamed
+    rng, pool = random.Random(f"{args.seed}:renamed"), argument_pool(sft["train"])
+    renamed = [copy for _ in range(args.renamed_copies) for p, r in sft["train"]
+               for copy in [renamed_arguments(p, r, rng, pool)] if copy is not None]
+    write_jsonl(out("sft_train_renamed.jsonl"), [{"prompt": p, "response": r} for p, r in renamed])
+    written["sft_train_renamed.jsonl"] = len(renamed)
+
     kinds = {}
     for split in SPLITS:
         write_jsonl(out(f"sft_{split}.jsonl"), [{"prompt": p, "response": r} for p, r in sft[split]])
@@ -432,7 +500,7 @@ def main(argv=None):
     written["prompts_train.jsonl"], written["prompts_eval.jsonl"] = len(ppo), len(evals)
 
     meta = {
-        "tokenizer": tok.name, "n_vocab": tok.n_vocab, "eot_token": tok.eot_token, "dtype": "uint16",
+        "tokenizer": tok.spec, "n_vocab": tok.n_vocab, "eot_token": tok.eot_token, "dtype": "uint16",
         "python_version": sys.version, "stdlib": STDLIB, "src_dir": src_dir,
         "split_rule": f"a file goes to val if int(sha256(relative_path).hexdigest(), 16) % {args.val_every} == 0",
         "options": vars(args),
