@@ -52,7 +52,7 @@ class RunConfig:
     log_interval: int = 10  # print a progress line every this many steps
     seed: int = 1337  # seeds every random choice: runs with the same seed on a CPU are identical
     device: typing.Literal["auto", "cpu", "cuda"] = "auto"  # 'auto' picks cuda when there is one; or 'cuda:1'
-    dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # 'auto': bf16 (or fp16) on a GPU, float32 on a CPU
+    dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # 'auto': bf16 (or fp16) on a GPU; on a CPU bf16 where it computes it natively, else float32
     compile: bool = False  # torch.compile the model: faster on a GPU after a slow first step
 
 
@@ -192,6 +192,22 @@ def reuse_freed_memory():
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
+def cpu_flags():
+    """The CPU's feature flags (avx2, avx512f, avx512_bf16, ...) from /proc/cpuinfo; none where there is no such file."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: no cheap way to tell
+        return []
+
+
+def cpu_has_native_bf16(flags=None):
+    """Does this CPU compute bfloat16 matrix products in hardware (AVX512-BF16 or AMX)? There, bf16 autocast trains
+    our models 1.4-1.9x faster than float32; without them bf16 is emulated and many times slower."""
+    flags = cpu_flags() if flags is None else flags
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def setup_runtime(cfg):
     """Pick the device and precision; under torchrun, join the process group (NCCL on GPUs, gloo on CPUs)."""
     reuse_freed_memory()
@@ -213,12 +229,15 @@ def setup_runtime(cfg):
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     dtype = cfg.dtype
     if dtype == "auto":
-        # bfloat16 needs no loss scaling; older GPUs without it get float16 + GradScaler. On a CPU float32:
-        # without AVX-512/AMX, bf16 matmuls are many times slower than float32.
+        # bfloat16 needs no loss scaling; older GPUs without it get float16 + GradScaler. On a CPU, bf16 only where
+        # the CPU computes it natively: elsewhere bf16 matmuls are emulated, many times slower than float32.
         if device_type == "cuda":
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         else:
-            dtype = "float32"
+            dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+        if device_type == "cpu" and int(os.environ.get("RANK", 0)) == 0:
+            why = "this CPU computes bfloat16 natively" if dtype == "bfloat16" else "no native bfloat16 on this CPU"
+            print(f"dtype 'auto': {dtype} ({why}; --dtype=float32 or bfloat16 to choose)")
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -261,10 +280,10 @@ def seed_everything(seed):
     np.random.seed(seed)
 
 
-def measure_matmul_flops(device="cpu", n=1024, reps=5):
-    """float32 matmul FLOP/s on this device: the peak an MFU figure is measured against when none is given."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def measure_matmul_flops(device="cpu", n=1024, reps=5, dtype="float32"):
+    """Matmul FLOP/s on this device in the dtype in use: the peak an MFU figure is measured against."""
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
     a @ b  # warm-up
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -429,6 +429,11 @@ class TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets):
+        with torch.autocast(hidden.device.type, enabled=False):  # float32 products, under bf16 autocast too
+            return TokenLogprobs._forward(ctx, hidden, weight, targets)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets):
         h, w = hidden.float(), weight.float()
         cols = max(1, TokenLogprobs.slice_elements // max(1, h.size(0)))
         exps, maxima, sums = [], [], []

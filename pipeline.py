@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from common import format_duration, load_config, plot_curves, read_jsonl_records, UserError, write_atomic
+from common import cpu_flags, format_duration, load_config, plot_curves, read_jsonl_records, UserError, write_atomic
 from tasks import pycode as task
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -172,17 +172,15 @@ def spread(values):
 
 
 def machine():
+    """The CPU (model name and the features that decide speed and numerics), cores, OS, Python and torch."""
     import torch
     cpu = platform.processor() or platform.machine()
-    flags = ""
     try:
         with open("/proc/cpuinfo") as f:
-            info = f.read()
-        cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        features = set(next(line for line in info.splitlines() if line.startswith("flags")).split())
-        flags = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in features)
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    flags = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags())
     return (f"{cpu} ({flags or 'features unknown'}), {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
             f"Python {platform.python_version()}, torch {torch.__version__}")
 

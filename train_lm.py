@@ -56,7 +56,7 @@ class Config(RunConfig):
     beta1: float = 0.9  # AdamW
     beta2: float = 0.99  # AdamW: 0.99 rather than 0.999, as usual for small batches of tokens
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
-    peak_tflops: float = 0.0  # the hardware peak for MFU in TFLOP/s; 0 measures float32 matmuls on this device
+    peak_tflops: float = 0.0  # the hardware peak for MFU in TFLOP/s; 0 measures matmuls in the run's dtype here
     sample_at_end: bool = True  # print a short sample from the trained model
 
 
@@ -138,9 +138,9 @@ def main(argv=None):
     if rt.is_master:
         print(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, tokenizer {tokenizer_name(tokenizer_spec)!r}, "
               f"{tokens_per_iter:,} tokens per step, {rt.world_size} process(es), {rt.device} {rt.dtype}")
-        peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops > 0 else measure_matmul_flops(rt.device)
+        peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops > 0 else measure_matmul_flops(rt.device, dtype=rt.dtype)
         print(f"MFU is measured against a peak of {peak / 1e12:.3f} TFLOP/s"
-              + ("" if cfg.peak_tflops > 0 else " (float32 matmul measured here; set peak_tflops to change)"))
+              + ("" if cfg.peak_tflops > 0 else f" ({rt.dtype} matmul measured here; set peak_tflops to change)"))
 
     # ---- the training loop
     metrics = Metrics(cfg.out_dir, resume_iter=iter_num if ckpt else None, enabled=rt.is_master)

@@ -70,3 +70,14 @@ def test_help_lists_every_key_with_default_and_meaning(capsys):
         load_config(Demo, ["--help"])
     assert exit_info.value.code == 0
     assert "--batch_size=8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bfloat16_only_on_cpus_that_compute_it_natively(monkeypatch, capsys, native):
+    import common
+    monkeypatch.setattr(common, "cpu_flags", lambda: ["avx2", "avx512f"] + (["avx512_bf16"] if native else []))
+    rt = common.setup_runtime(common.RunConfig(device="cpu", dtype="auto"))
+    assert rt.dtype == ("bfloat16" if native else "float32")
+    assert ("bfloat16 natively" if native else "no native bfloat16") in capsys.readouterr().out
+    assert common.setup_runtime(common.RunConfig(device="cpu", dtype="float32")).dtype == "float32"
+    assert common.cpu_has_native_bf16(["amx_bf16", "amx_tile"]) and not common.cpu_has_native_bf16(["avx512f"])

@@ -170,6 +170,19 @@ def test_token_logprobs_equal_log_softmax_in_value_and_gradient(monkeypatch, sca
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
+def test_token_logprobs_under_bfloat16_autocast_are_float32_and_have_gradients():
+    model = tiny()
+    x, targets = torch.randint(0, 37, (2, 10)), torch.randint(0, 37, (2, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.hidden_states(x)  # bf16 activations, as in a PPO update with dtype bfloat16
+        ours = model.token_logprobs(hidden, targets)
+    assert ours.dtype == torch.float32
+    ours.sum().backward()  # the backward multiplies the saved float32 slices with float32 weights
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    reference = F.log_softmax(model.lm_head(hidden.float()), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    assert torch.allclose(ours, reference, atol=1e-4)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_gives_the_same_result_for_few_and_many_rows(bias):
     torch.manual_seed(0)

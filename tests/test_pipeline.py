@@ -10,10 +10,12 @@ from common import load_checkpoint, read_jsonl_records
 def test_tiny_pipeline_runs_every_stage_over_seeds_and_writes_the_report(tmp_path, capsys):
     out = str(tmp_path / "out")
     pipeline.main(["--tiny=True", f"--out={out}", "--seeds=2"])
+    tokenizer = load_checkpoint(os.path.join(out, "lm_small"))["tokenizer"]
+    assert tokenizer["kind"] == "bpe"  # learnt by prepare.py, carried by every checkpoint after it
     for stage, plot in (("lm_small", "loss.png"), ("sft_small", "sft.png"), ("rm_small", "rm.png")):
         for name in ("ckpt.pt", "metrics.jsonl", plot):
             assert os.path.exists(os.path.join(out, stage, name)), (stage, name)
-        assert load_checkpoint(os.path.join(out, stage))["tokenizer"] == "byte"
+        assert load_checkpoint(os.path.join(out, stage))["tokenizer"] == tokenizer
     for stage, plot in (("ppo_small", "ppo.png"), ("dpo_small", "dpo.png")):
         for seed in (1, 2):
             run = os.path.join(out, stage, f"seed{seed}")

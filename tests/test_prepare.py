@@ -151,7 +151,7 @@ def test_sft_rows_come_from_their_splits_files(run):
 
 def test_bins_decode_to_the_files(run):
     src, out, meta, _ = run
-    tok = get_tokenizer("byte")
+    tok = get_tokenizer(meta["tokenizer"])  # the BPE learnt from the train split, stored in meta.json
     for split in ("train", "val"):
         texts = []
         for rel in prepare.find_source_files(str(src)):
@@ -159,7 +159,7 @@ def test_bins_decode_to_the_files(run):
             if prepare.split_of(rel, VAL_EVERY) == split and rel != "latin1.py":
                 texts.append(raw.decode("utf-8"))
         ids = np.fromfile(os.path.join(out, f"{split}.bin"), dtype=np.uint16)
-        assert len(ids) == meta["counts"][split]["tokens"] == sum(len(t.encode()) + 1 for t in texts)
+        assert len(ids) == meta["counts"][split]["tokens"] == sum(len(tok.encode(t)) + 1 for t in texts)
         assert ids[-1] == tok.eot_token
         pieces = np.split(ids, np.flatnonzero(ids == tok.eot_token) + 1)[:-1]
         assert [tok.decode(p[:-1]) for p in pieces] == texts
@@ -297,7 +297,9 @@ def test_meta(run):
         assert meta["counts"][split]["files"] == files[split]
     skipped = prepare.split_of("latin1.py", VAL_EVERY)
     assert meta["counts"][skipped]["files_skipped_not_utf8"] == 1
-    assert (meta["tokenizer"], meta["n_vocab"], meta["eot_token"], meta["dtype"]) == ("byte", 257, 256, "uint16")
+    assert meta["tokenizer"]["kind"] == "bpe" and meta["dtype"] == "uint16"
+    tok = get_tokenizer(meta["tokenizer"])
+    assert meta["n_vocab"] == tok.n_vocab <= 2048 and meta["eot_token"] == tok.eot_token == tok.n_vocab - 1
     with open(os.path.join(out, "meta.json")) as f:
         assert json.load(f)["inputs_sha256"] == meta["inputs_sha256"]
     for name, n in meta["examples"].items():
@@ -331,3 +333,35 @@ def test_real_stdlib(tmp_path):
     assert meta["examples"]["sft_train.jsonl"] > 50 and meta["examples"]["prompts_eval.jsonl"] > 0
     for r in _jsonl(tmp_path, "pref_train.jsonl"):
         assert r["rejected"] != r["chosen"] and _parses(r["prompt"] + r["chosen"])
+
+
+def test_renamed_copies_rename_the_arguments_alike_in_def_line_docstring_and_body():
+    prompt = 'def scale(xs, k):\n    """Each of xs times k."""\n'
+    body = "    out = [x * k for x in xs]\n    return self.k + len(out)\n"
+    new_prompt, new_body = prepare.renamed_arguments(prompt, body, random.Random(0), ["alpha", "beta", "gamma"])
+    fn = ast.parse(new_prompt + new_body).body[0]
+    new_args = [a.arg for a in fn.args.args]
+    assert set(new_args) <= {"alpha", "beta", "gamma"} and len(set(new_args)) == 2
+    a, b = new_args
+    assert new_prompt == f'def scale({a}, {b}):\n    """Each of {a} times {b}."""\n'
+    # the body reads the new names; `self.k` is an attribute, not the argument, and keeps its name
+    assert new_body == f"    out = [x * {b} for x in {a}]\n    return self.k + len(out)\n"
+    # nothing to learn from a body that reads no argument
+    assert prepare.renamed_arguments(prompt, "    return 1\n", random.Random(0), ["alpha", "beta"]) is None
+
+
+def test_wrong_names_renames_the_arguments_in_the_body_only():
+    prompt = 'def scale(xs, k):\n    """Each of xs times k."""\n'
+    body = "    return [x * k for x in xs]\n"
+    rejected = prepare.wrong_names(body, random.Random(0), ["alpha", "beta"], prompt)
+    assert rejected in ("    return [x * alpha for x in beta]\n", "    return [x * beta for x in alpha]\n")
+    assert _parses(prompt + rejected)
+
+
+def test_renamed_copies_are_written_beside_the_training_functions(run):
+    _, out, meta, _ = run
+    copies = _jsonl(out, "sft_train_renamed.jsonl")
+    assert len(copies) == meta["examples"]["sft_train_renamed.jsonl"] > 0
+    originals = {r["prompt"].split("(")[0] for r in _jsonl(out, "sft_train.jsonl")}
+    for r in copies:
+        assert r["prompt"].split("(")[0] in originals and _parses(r["prompt"] + r["response"])

@@ -116,7 +116,7 @@ def test_compiled_training_saves_plain_parameter_names(token_dataset, tmp_path):
 
 def test_two_process_ddp_on_cpu_matches_one_process_accumulating_the_same_batches(token_dataset, tmp_path):
     args = TINY + [f"--dataset={token_dataset}", "--max_iters=4", "--eval_interval=4",
-                   "--gradient_accumulation_steps=2"]
+                   "--gradient_accumulation_steps=2", "--dtype=float32"]  # the subprocesses' auto might pick bf16
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            os.path.join(ROOT, "train_lm.py"), *args, f"--out_dir={tmp_path / 'ddp'}"],

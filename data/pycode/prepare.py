@@ -19,9 +19,9 @@ appear in train are dropped, so the evaluation prompts are truly held out.
 
 Run from the repo root:
 
-    python data/pycode/prepare.py                      # byte tokenizer, small CPU scale
+    python data/pycode/prepare.py                      # a BPE of 2,048 tokens learnt from the train split
+    python data/pycode/prepare.py --tokenizer=byte     # bytes, into data/pycode/byte (dataset='pycode/byte')
     python data/pycode/prepare.py --tokenizer=gpt2     # GPT-2's BPE, into data/pycode/gpt2 (dataset='pycode/gpt2')
-    python data/pycode/prepare.py --tokenizer=bpe      # a BPE learnt from the train split, into data/pycode/bpe
     python data/pycode/prepare.py --max_body_lines=20  # GPU scale: a bigger model can learn longer bodies
 """
 import argparse
@@ -62,14 +62,14 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = _Parser(description="Build the pycode dataset from the Python standard library.", allow_abbrev=False)
-    p.add_argument("--tokenizer", default="byte", help=f"one of {sorted(TOKENIZERS) + ['bpe']}; bpe is learnt here, "
-                                                      f"from the train split")
+    p.add_argument("--tokenizer", default="bpe", help=f"one of {['bpe'] + sorted(TOKENIZERS)}; bpe is learnt here, "
+                                                     f"from the train split")
     p.add_argument("--vocab_size", type=int, default=2048, help="with --tokenizer=bpe: the vocabulary size, "
                                                                  "end-of-text included")
     p.add_argument("--src_dir", default=STDLIB, help="where to look for .py files (default: this Python's stdlib)")
     p.add_argument("--out_dir", default=None,
-                   help="where to write (default: next to this script; data/pycode/gpt2 with --tokenizer=gpt2, so that "
-                        "the two tokenizations live side by side)")
+                   help="where to write (default: next to this script; data/pycode/byte or data/pycode/gpt2 with "
+                        "--tokenizer=byte or gpt2, so that tokenizations live side by side)")
     # 1 file in 5, not 1 in 10: 1 in 10 gives only ~116 evaluation prompts on CPython 3.11, too few to measure with
     p.add_argument("--val_every", type=int, default=5, help="a file goes to val if sha256(path) %% val_every == 0")
     p.add_argument("--max_body_lines", type=int, default=2,
@@ -93,7 +93,7 @@ def parse_args(argv=None):
     if not 258 <= args.vocab_size <= 2 ** 16:
         raise SystemExit(f"prepare.py: --vocab_size must be between 258 and 65536, got {args.vocab_size}")
     if args.out_dir is None:
-        args.out_dir = HERE if args.tokenizer == "byte" else os.path.join(HERE, args.tokenizer)
+        args.out_dir = HERE if args.tokenizer == "bpe" else os.path.join(HERE, args.tokenizer)
     for name, low in (("val_every", 2), ("max_body_lines", 1), ("max_tokens", 1), ("max_files", 0),
                       ("train_pairs_per_function", 1), ("renamed_copies", 0)):
         if getattr(args, name) < low:
