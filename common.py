@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import typing
 from dataclasses import dataclass
 
@@ -42,15 +43,23 @@ class UserError(SystemExit):
 # ----------------------------------------------------------------------------------------------------------
 # configuration
 
+def field(default, *, min=None, max=None, above=None, below=None):
+    """A config key's default and the values it may take, declared next to it and checked by load_config for
+    every stage:  `batch_size: int = field(16, min=1)  # sequences per step`.
+    min and max are inclusive bounds, above and below exclusive ones."""
+    bounds = {k: v for k, v in (("min", min), ("max", max), ("above", above), ("below", below)) if v is not None}
+    return dataclasses.field(default=default, metadata={"range": bounds})
+
+
 @dataclass
 class RunConfig:
     """The keys every stage shares, so that moving between stages needs no relearning."""
     out_dir: str = "out"  # where ckpt.pt, metrics.jsonl and the plots are written
     init_from: str = "scratch"  # 'scratch', 'resume' (out_dir's ckpt.pt), a GPT-2 name ('gpt2', ...) or another stage's out_dir
-    max_iters: int = 1000  # optimizer steps in total
-    eval_interval: int = 100  # evaluate (and save a checkpoint) every this many steps
-    log_interval: int = 10  # print a progress line every this many steps
-    seed: int = 1337  # seeds every random choice: runs with the same seed on a CPU are identical
+    max_iters: int = field(1000, min=0)  # optimizer steps in total
+    eval_interval: int = field(100, min=1)  # evaluate (and save a checkpoint) every this many steps
+    log_interval: int = field(10, min=1)  # print a progress line every this many steps
+    seed: int = field(1337, min=0, max=10**9)  # seeds every random choice: runs with the same seed on a CPU are identical
     device: typing.Literal["auto", "cpu", "cuda"] = "auto"  # 'auto' picks cuda when there is one; or 'cuda:1'
     dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # 'auto': bf16 (or fp16) on a GPU, float32 on a CPU
     compile: bool = False  # torch.compile the model: faster on a GPU after a slow first step
@@ -85,6 +94,35 @@ def _check_type(cls, key, value, source):
     return value
 
 
+RANGE_WORDS = {"min": ("at least", lambda v, b: v >= b), "max": ("at most", lambda v, b: v <= b),
+               "above": ("above", lambda v, b: v > b), "below": ("below", lambda v, b: v < b)}
+
+
+def describe_range(bounds):
+    """'at least 0 and below 1' for {'min': 0, 'below': 1}."""
+    return " and ".join(f"{RANGE_WORDS[k][0]} {v}" for k, v in bounds.items())
+
+
+def declared_range(cls, key):
+    """The bounds declared with key (field(..., min=...)), where the class or a base class declares them: a stage
+    that only changes a shared key's default keeps its range."""
+    for klass in cls.__mro__:
+        if dataclasses.is_dataclass(klass):
+            f = {f.name: f for f in dataclasses.fields(klass)}.get(key)
+            if f is not None and f.metadata.get("range"):
+                return f.metadata["range"]
+    return {}
+
+
+def _check_range(cls, key, value, source):
+    """A UserError unless value lies in key's declared range; a float must be finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{source}: {key}={value!r} must be a finite number")
+    bounds = declared_range(cls, key)
+    if not all(RANGE_WORDS[k][1](value, b) for k, b in bounds.items()):
+        raise UserError(f"{source}: {key}={value!r} must be {describe_range(bounds)}")
+
+
 def _unknown_key(cls, key, source):
     keys = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, keys, n=1)
@@ -101,32 +139,46 @@ def config_help(cls, script):
         meaning = comments.get(f.name, "")
         if choices:
             meaning += f" [{' | '.join(choices)}]"
+        if declared_range(cls, f.name):
+            meaning += f" [{describe_range(declared_range(cls, f.name))}]"
         lines.append(f"  --{f.name}={default}".ljust(40) + " " + meaning)
     return "\n".join(lines)
 
 
+def _run_config_file(path):
+    """The top-level names of a config file (plain Python); a file that does not run is a one-line error."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path!r} not found")
+    namespace = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            exec(compile(f.read(), path, "exec"), namespace)
+    except SyntaxError as e:
+        raise UserError(f"{path}:{e.lineno}: {e.msg}") from None
+    except Exception as e:  # a NameError, an import that fails...: the file's line that raised it
+        line = [t.lineno for t in traceback.extract_tb(e.__traceback__) if t.filename == path][-1:] or ["?"]
+        raise UserError(f"{path}:{line[0]}: {type(e).__name__}: {e}") from None
+    return namespace
+
+
 def load_config(cls, argv=None):
-    """Defaults from cls, then each config file named in argv, then each --key=value, in order."""
+    """Defaults from cls, then each config file named in argv, then each --key=value, in order. Every value is
+    checked against its key's type and declared range."""
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(config_help(cls, os.path.basename(sys.argv[0])))
         raise SystemExit(0)
-    values = {}
+    values, sources = {}, {}
     keys = {f.name for f in dataclasses.fields(cls)}
     for arg in argv:
         if not arg.startswith("--"):
             # a config file: plain Python whose top-level names are config keys
-            if not os.path.isfile(arg):
-                raise UserError(f"config file {arg!r} not found")
-            namespace = {}
-            with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), namespace)
-            for key, value in namespace.items():
+            for key, value in _run_config_file(arg).items():
                 if key.startswith("_") or inspect.ismodule(value) or callable(value):
                     continue
                 if key not in keys:
                     raise _unknown_key(cls, key, arg)
-                values[key] = _check_type(cls, key, value, arg)
+                values[key], sources[key] = _check_type(cls, key, value, arg), arg
         else:
             key, eq, text = arg[2:].partition("=")
             if not eq:
@@ -139,8 +191,11 @@ def load_config(cls, argv=None):
                 value = text  # an unquoted string, e.g. --out_dir=out/run2
             if {f.name: f.type for f in dataclasses.fields(cls)}[key] is str and not isinstance(value, str):
                 value = text  # a string key takes the text as written, e.g. --start=123
-            values[key] = _check_type(cls, key, value, "command line")
-    return cls(**values)
+            values[key], sources[key] = _check_type(cls, key, value, "command line"), "command line"
+    cfg = cls(**values)
+    for f in dataclasses.fields(cls):
+        _check_range(cls, f.name, getattr(cfg, f.name), sources.get(f.name, "default"))
+    return cfg
 
 
 def print_config(cfg):

@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from common import (before_after_table, cosine_lr, format_duration, grad_scaler, load_checkpoint, Metrics,
+from common import (before_after_table, cosine_lr, field, format_duration, grad_scaler, load_checkpoint, Metrics,
                     model_from_checkpoint, optimizer_step, plot_curves, read_jsonl_records, read_preference_pairs,
                     resume_checkpoint, rng_state, RunConfig, save_checkpoint, set_rng_state,
                     start_single_process, StopRequest, UserError, write_before_after)
@@ -59,24 +59,24 @@ class Config(RunConfig):
     train_file: str = "data/pycode/pref_train.jsonl"  # pairs: ours {"prompt","chosen","rejected","kind"} or HH-RLHF
     val_file: str = "data/pycode/pref_val.jsonl"  # held-out pairs: loss, implicit accuracy, margin, drift per kind
     eval_prompts: str = "data/pycode/prompts_eval.jsonl"  # held-out prompts for the task's measures
-    eval_max_prompts: int = 0  # complete this many of the eval prompts; 0 means all of them
-    eval_samples: int = 8  # sampled completions per held-out prompt at each evaluation: pass@k and the KL to SFT
+    eval_max_prompts: int = field(0, min=0)  # complete this many of the eval prompts; 0 means all of them
+    eval_samples: int = field(8, min=0)  # sampled completions per held-out prompt per evaluation: pass@k, KL to SFT
     template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
-    beta: float = 0.1  # DPO's beta, the weight of the implicit KL to the reference: smaller lets the policy move more
-    dpop_lambda: float = 0.0  # DPO-Positive: penalise a chosen response for falling below the reference; 0 is off
-    max_new_tokens: int = 96  # completion length in evaluation: the same as train_ppo.py, so the numbers compare
-    batch_size: int = 16  # pairs per step: chosen and rejected go through the model together, 2 x batch_size rows
-    eval_batch_size: int = 32  # pairs per forward pass in evaluation and for the reference log-probs
-    learning_rate: float = 5e-5  # peak learning rate: small, the policy should stay near the SFT model
-    min_lr: float = 5e-6  # the cosine schedule ends here
-    warmup_iters: int = 10  # linear warm-up steps
-    lr_decay_iters: int = 0  # the cosine reaches min_lr here; 0 means max_iters
-    weight_decay: float = 0.0  # AdamW decay; 0: decay pulls weights towards zero, not towards the reference
-    beta1: float = 0.9  # AdamW
-    beta2: float = 0.99  # AdamW
-    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
-    dropout: float = 0.0  # dropout in the policy while training (never in the reference)
-    eval_samples_shown: int = 3  # sample completions before and after written to the report
+    beta: float = field(0.1, above=0)  # the weight of the implicit KL to the reference: smaller lets the policy move more
+    dpop_lambda: float = field(0.0, min=0)  # DPO-Positive: penalise a chosen response falling below the reference; 0: off
+    max_new_tokens: int = field(96, min=1)  # completion length in evaluation: as in train_ppo.py, so the numbers compare
+    batch_size: int = field(16, min=1)  # pairs per step: chosen and rejected go through the model together
+    eval_batch_size: int = field(32, min=1)  # pairs per forward pass in evaluation and for the reference log-probs
+    learning_rate: float = field(5e-5, min=0)  # peak learning rate: small, the policy should stay near the SFT model
+    min_lr: float = field(5e-6, min=0)  # the cosine schedule ends here
+    warmup_iters: int = field(10, min=0)  # linear warm-up steps
+    lr_decay_iters: int = field(0, min=0)  # the cosine reaches min_lr here; 0 means max_iters
+    weight_decay: float = field(0.0, min=0)  # AdamW decay; 0: decay pulls towards zero, not towards the reference
+    beta1: float = field(0.9, min=0, below=1)  # AdamW
+    beta2: float = field(0.99, min=0, below=1)  # AdamW
+    grad_clip: float = field(1.0, min=0)  # clip the global gradient norm to this; 0 turns clipping off
+    dropout: float = field(0.0, min=0, below=1)  # dropout in the policy while training (never in the reference)
+    eval_samples_shown: int = field(3, min=0)  # sample completions before and after written to the report
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (optimizer_step, Metrics, dataset_dir, RunConfig, StopRequest, TokenBatches, UserError,
+from common import (optimizer_step, Metrics, dataset_dir, field, RunConfig, StopRequest, TokenBatches, UserError,
                     cosine_lr, format_duration, grad_scaler, init_model, load_config, measure_matmul_flops,
                     plot_curves, print_config, read_jsonl_records, read_meta, rng_state, save_checkpoint,
                     seed_everything, set_rng_state, setup_runtime)
@@ -36,27 +36,27 @@ class Config(RunConfig):
     out_dir: str = "out/lm"  # where ckpt.pt, metrics.jsonl and loss.png are written
     max_iters: int = 5000  # optimizer steps in total
     eval_interval: int = 250  # evaluate and save a checkpoint every this many steps
-    eval_iters: int = 20  # batches per split in each evaluation
+    eval_iters: int = field(20, min=1)  # batches per split in each evaluation
     dataset: str = "pycode"  # a folder under data/ (or any path) with train.bin, val.bin and meta.json
     # model (ignored when the weights come from GPT-2 or another out_dir, except block_size, which may crop)
-    n_layer: int = 6  # Transformer blocks
-    n_head: int = 6  # attention heads per block
-    n_embd: int = 384  # width of the residual stream
-    block_size: int = 256  # context length in tokens
-    dropout: float = 0.0  # 0 for pretraining; try 0.1 when fine-tuning on little data
+    n_layer: int = field(6, min=1)  # Transformer blocks
+    n_head: int = field(6, min=1)  # attention heads per block
+    n_embd: int = field(384, min=1)  # width of the residual stream
+    block_size: int = field(256, min=1)  # context length in tokens
+    dropout: float = field(0.0, min=0, below=1)  # 0 for pretraining; try 0.1 when fine-tuning on little data
     bias: bool = True  # biases in Linear layers and LayerNorms, as in GPT-2
     # optimisation
-    batch_size: int = 12  # sequences per micro-step (per process)
-    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step, summed over all processes
-    learning_rate: float = 1e-3  # peak learning rate, after warm-up
-    min_lr: float = 1e-4  # the cosine schedule ends here (about learning_rate / 10)
-    warmup_iters: int = 100  # linear warm-up steps: Adam's early steps are noisy while its moments settle
-    lr_decay_iters: int = 0  # the cosine reaches min_lr here; 0 means max_iters
-    weight_decay: float = 0.1  # AdamW decay, applied to matrices only
-    beta1: float = 0.9  # AdamW
-    beta2: float = 0.99  # AdamW: 0.99 rather than 0.999, as usual for small batches of tokens
-    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
-    peak_tflops: float = 0.0  # the hardware peak for MFU in TFLOP/s; 0 measures float32 matmuls on this device
+    batch_size: int = field(12, min=1)  # sequences per micro-step (per process)
+    gradient_accumulation_steps: int = field(1, min=1)  # micro-steps per optimizer step, summed over all processes
+    learning_rate: float = field(1e-3, min=0)  # peak learning rate, after warm-up
+    min_lr: float = field(1e-4, min=0)  # the cosine schedule ends here (about learning_rate / 10)
+    warmup_iters: int = field(100, min=0)  # linear warm-up steps: Adam's early steps are noisy while its moments settle
+    lr_decay_iters: int = field(0, min=0)  # the cosine reaches min_lr here; 0 means max_iters
+    weight_decay: float = field(0.1, min=0)  # AdamW decay, applied to matrices only
+    beta1: float = field(0.9, min=0, below=1)  # AdamW
+    beta2: float = field(0.99, min=0, below=1)  # AdamW: 0.99 rather than 0.999, as usual for small batches of tokens
+    grad_clip: float = field(1.0, min=0)  # clip the global gradient norm to this; 0 turns clipping off
+    peak_tflops: float = field(0.0, min=0)  # the hardware peak for MFU in TFLOP/s; 0 measures float32 matmuls here
     sample_at_end: bool = True  # print a short sample from the trained model
 
 

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common import (batch_rows, before_after_table, dataset_dir, format_duration, load_checkpoint, Metrics,
+from common import (batch_rows, before_after_table, dataset_dir, field, format_duration, load_checkpoint, Metrics,
                     model_from_checkpoint, pad_left, plot_curves, read_jsonl_records, read_prompts, resume_checkpoint,
                     rng_state, RunConfig, save_checkpoint, set_rng_state, start_single_process, StopRequest,
                     TokenBatches, UserError, write_before_after)
@@ -42,43 +42,43 @@ class Config(RunConfig):
     reward: Literal["model", "task"] = "model"  # 'task': the task's judge, 1 if a response solves its prompt, else 0
     prompts_file: str = "data/pycode/prompts_train.jsonl"  # rollout prompts {"prompt": ...}
     eval_prompts: str = "data/pycode/prompts_eval.jsonl"  # held-out prompts for the before/after evaluation
-    eval_max_prompts: int = 0  # evaluate on this many held-out prompts; 0 means all of them
-    eval_samples: int = 8  # sampled completions per held-out prompt at each evaluation: pass@k and the KL to SFT
+    eval_max_prompts: int = field(0, min=0)  # evaluate on this many held-out prompts; 0 means all of them
+    eval_samples: int = field(8, min=0)  # sampled completions per held-out prompt per evaluation: pass@k, KL to SFT
     template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
     max_iters: int = 100  # PPO iterations (rollout + update)
     eval_interval: int = 25  # evaluate and save a checkpoint every this many iterations
     log_interval: int = 1  # print a line every this many iterations
     # rollout
-    batch_size: int = 32  # prompts per rollout
-    max_new_tokens: int = 96  # response length limit; prompts longer than the context minus this are dropped
-    temperature: float = 1.0  # sampling temperature of rollouts; log-probs use the same one
+    batch_size: int = field(32, min=1)  # prompts per rollout
+    max_new_tokens: int = field(96, min=1)  # response length limit; prompts leaving less room than this are dropped
+    temperature: float = field(1.0, above=0)  # sampling temperature of rollouts; log-probs use the same one
     # reward
     score_norm: bool = True  # standardise RM scores with the mean/std train_rm.py saved
-    score_clip: float = 5.0  # clip (normalised) scores to +-this; 0 turns it off
+    score_clip: float = field(5.0, min=0)  # clip (normalised) scores to +-this; 0 turns it off
     missing_eot_penalty: float = -1.0  # added to the score of a response that never emits end-of-text
-    kl_coef: float = 0.05  # beta, the weight of the per-token KL penalty
+    kl_coef: float = field(0.05, min=0)  # beta, the weight of the per-token KL penalty
     adaptive_kl: bool = False  # adapt beta towards target_kl (Ziegler et al. 2019)
-    target_kl: float = 3.0  # nats per response, the adaptive controller's target
-    kl_horizon: int = 10000  # the adaptive controller's horizon in samples
+    target_kl: float = field(3.0, above=0)  # nats per response, the adaptive controller's target
+    kl_horizon: int = field(10000, min=1)  # the adaptive controller's horizon in samples
     # advantages
-    gamma: float = 1.0  # discount; 1 is usual for short responses with one final reward
-    lam: float = 0.95  # GAE lambda: lower trades variance for bias
+    gamma: float = field(1.0, min=0, max=1)  # discount; 1 is usual for short responses with one final reward
+    lam: float = field(0.95, min=0, max=1)  # GAE lambda: lower trades variance for bias
     # update
     critic: Literal["shared", "separate"] = "shared"  # value head on the policy's backbone, or a model from the RM
-    ppo_epochs: int = 4  # passes over each rollout
-    minibatch_size: int = 16  # rollouts per gradient step
-    learning_rate: float = 1e-4  # Adam step size for policy and critic
-    weight_decay: float = 0.0  # AdamW decay on matrices
-    clip_range: float = 0.2  # epsilon of the clipped policy objective
-    clip_range_value: float = 0.2  # the value function's clip around its old predictions
-    vf_coef: float = 0.5  # weight of the value loss
-    entropy_coef: float = 0.0  # weight of the entropy bonus
-    ptx_coef: float = 0.0  # weight of a pretraining (PTX) loss mixed in, as InstructGPT's PPO-ptx
+    ppo_epochs: int = field(4, min=1)  # passes over each rollout
+    minibatch_size: int = field(16, min=1)  # rollouts per gradient step
+    learning_rate: float = field(1e-4, min=0)  # Adam step size for policy and critic
+    weight_decay: float = field(0.0, min=0)  # AdamW decay on matrices
+    clip_range: float = field(0.2, above=0)  # epsilon of the clipped policy objective
+    clip_range_value: float = field(0.2, above=0)  # the value function's clip around its old predictions
+    vf_coef: float = field(0.5, min=0)  # weight of the value loss
+    entropy_coef: float = field(0.0, min=0)  # weight of the entropy bonus
+    ptx_coef: float = field(0.0, min=0)  # weight of a pretraining (PTX) loss mixed in, as InstructGPT's PPO-ptx
     ptx_dataset: str = "pycode"  # data/ folder the PTX batches come from
-    ptx_batch_size: int = 8  # sequences per PTX batch
-    max_grad_norm: float = 1.0  # clip the gradient norm
-    early_stop_kl: float = 0.0  # stop an iteration's epochs when approx-KL to pi_old exceeds this; 0 is off
-    eval_samples_shown: int = 3  # sample completions before and after written to the report
+    ptx_batch_size: int = field(8, min=1)  # sequences per PTX batch
+    max_grad_norm: float = field(1.0, above=0)  # clip the gradient norm
+    early_stop_kl: float = field(0.0, min=0)  # end an iteration's epochs when approx-KL to pi_old exceeds this; 0: off
+    eval_samples_shown: int = field(3, min=0)  # sample completions before and after written to the report
 
 
 # --------------------------------------------------------------------------------------------------------------

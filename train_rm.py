@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common import (cosine_lr, encode_prompt_response, format_duration, format_prompt, grad_scaler,
+from common import (cosine_lr, encode_prompt_response, field, format_duration, format_prompt, grad_scaler,
                     load_checkpoint, Metrics, model_from_checkpoint, optimizer_step, pad_right, plot_curves,
                     read_jsonl_records, read_preference_pairs, read_scored_examples, resume_checkpoint, rng_state,
                     RunConfig, save_checkpoint, set_rng_state, start_single_process, StopRequest, UserError)
@@ -53,21 +53,21 @@ class Config(RunConfig):
     template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
     loss: Literal["pairwise", "mse"] = "pairwise"  # 'pairwise': -log sigma(r_w - r_l); 'mse': (r - score)^2
     mismatched: bool = False  # also pair each chosen response against another prompt's chosen response (extra rows)
-    margin: float = 0.0  # m in -log sigma(r_w - r_l - m): ask for the chosen response to win by at least m
+    margin: float = field(0.0, min=0)  # m in -log sigma(r_w - r_l - m): the chosen response should win by at least m
     train_backbone: bool = True  # False trains the scalar head only, on the frozen features of the init model
-    frozen_layers: int = 0  # keep the embeddings and the lowest this many blocks fixed: fewer weights, faster steps
-    dropout: float = 0.0  # dropout in the backbone while training
-    batch_size: int = 16  # pairs per step: chosen and rejected go through the model together, 2 x batch_size rows
-    eval_batch_size: int = 64  # responses per forward pass in evaluation
-    learning_rate: float = 3e-4  # peak learning rate of the backbone, after warm-up
-    head_lr_mult: float = 10.0  # the fresh scalar head learns this many times faster than the pretrained backbone
-    min_lr: float = 3e-5  # the cosine schedule ends here
-    warmup_iters: int = 20  # linear warm-up steps
-    lr_decay_iters: int = 0  # the cosine reaches min_lr here; 0 means max_iters
-    weight_decay: float = 0.1  # AdamW decay, applied to matrices only
-    beta1: float = 0.9  # AdamW
-    beta2: float = 0.99  # AdamW
-    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
+    frozen_layers: int = field(0, min=0)  # keep the embeddings and the lowest this many blocks fixed: faster steps
+    dropout: float = field(0.0, min=0, below=1)  # dropout in the backbone while training
+    batch_size: int = field(16, min=1)  # pairs per step: chosen and rejected go through the model together
+    eval_batch_size: int = field(64, min=1)  # responses per forward pass in evaluation
+    learning_rate: float = field(3e-4, min=0)  # peak learning rate of the backbone, after warm-up
+    head_lr_mult: float = field(10.0, min=0)  # the fresh scalar head learns this many times faster than the backbone
+    min_lr: float = field(3e-5, min=0)  # the cosine schedule ends here
+    warmup_iters: int = field(20, min=0)  # linear warm-up steps
+    lr_decay_iters: int = field(0, min=0)  # the cosine reaches min_lr here; 0 means max_iters
+    weight_decay: float = field(0.1, min=0)  # AdamW decay, applied to matrices only
+    beta1: float = field(0.9, min=0, below=1)  # AdamW
+    beta2: float = field(0.99, min=0, below=1)  # AdamW
+    grad_clip: float = field(1.0, min=0)  # clip the global gradient norm to this; 0 turns clipping off
 
 
 # --------------------------------------------------------------------------------------------------------------

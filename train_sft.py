@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from common import (complete, cosine_lr, encode_prompt_response, format_duration, format_prompt, grad_scaler, init_model,
+from common import (complete, cosine_lr, encode_prompt_response, field, format_duration, format_prompt, grad_scaler, init_model,
                     Metrics, optimizer_step, pad_right, plot_curves, read_jsonl_records, read_sft_examples, rng_state,
                     RunConfig, save_checkpoint, set_rng_state, start_single_process, StopRequest, UserError)
 from tasks import pycode as task
@@ -51,23 +51,23 @@ class Config(RunConfig):
     val_file: str = "data/pycode/sft_val.jsonl"  # held-out demonstrations: the validation loss on response tokens
     eval_prompts: str = "data/pycode/prompts_eval.jsonl"  # held-out prompts whose greedy completions are scored
     template: Literal["none", "instruction"] = "none"  # 'none': the prompt as it is; 'instruction': Alpaca's template
-    block_size: int = 0  # context length; 0 means the model's own, smaller crops it; longer examples are dropped
+    block_size: int = field(0, min=0)  # context length; 0: the model's own, smaller crops it; longer examples are dropped
     # evaluation
-    eval_max_prompts: int = 0  # complete this many of the eval prompts greedily at each evaluation; 0 means all
-    eval_samples: int = 8  # sampled completions per prompt at the last evaluation (pass@k); 0: greedy only
-    max_new_tokens: int = 96  # completion length limit; eval prompts longer than the context minus this are dropped
-    eval_batch_size: int = 64  # rows per batch in evaluation (loss and generation)
+    eval_max_prompts: int = field(0, min=0)  # complete this many eval prompts greedily at each evaluation; 0 means all
+    eval_samples: int = field(8, min=0)  # sampled completions per prompt at the last evaluation (pass@k); 0: none
+    max_new_tokens: int = field(96, min=1)  # completion length limit; eval prompts leaving less room than this are dropped
+    eval_batch_size: int = field(64, min=1)  # rows per batch in evaluation (loss and generation)
     # optimisation
-    batch_size: int = 16  # examples per step
-    learning_rate: float = 3e-4  # peak learning rate: lower than pretraining, to adapt rather than overwrite
-    min_lr: float = 3e-5  # the cosine schedule ends here
-    warmup_iters: int = 20  # linear warm-up steps
-    lr_decay_iters: int = 0  # the cosine reaches min_lr here; 0 means max_iters
-    weight_decay: float = 0.1  # AdamW decay, applied to matrices only
-    beta1: float = 0.9  # AdamW
-    beta2: float = 0.99  # AdamW
-    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
-    dropout: float = 0.0  # may help a large model memorise less; hurt lm_small (pretrained without)
+    batch_size: int = field(16, min=1)  # examples per step
+    learning_rate: float = field(3e-4, min=0)  # peak learning rate: below pretraining's, to adapt rather than overwrite
+    min_lr: float = field(3e-5, min=0)  # the cosine schedule ends here
+    warmup_iters: int = field(20, min=0)  # linear warm-up steps
+    lr_decay_iters: int = field(0, min=0)  # the cosine reaches min_lr here; 0 means max_iters
+    weight_decay: float = field(0.1, min=0)  # AdamW decay, applied to matrices only
+    beta1: float = field(0.9, min=0, below=1)  # AdamW
+    beta2: float = field(0.99, min=0, below=1)  # AdamW
+    grad_clip: float = field(1.0, min=0)  # clip the global gradient norm to this; 0 turns clipping off
+    dropout: float = field(0.0, min=0, below=1)  # may help a large model memorise less; hurt lm_small
 
 
 # --------------------------------------------------------------------------------------------------------------
