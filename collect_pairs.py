@@ -28,8 +28,7 @@ from typing import Literal
 import torch
 
 from common import (complete, encode_prompt_response, field, format_duration, format_prompt, load_checkpoint,
-                    model_from_checkpoint, read_sft_examples, RunConfig, start_single_process, UserError, write_atomic,
-                    write_jsonl)
+                    model_from_checkpoint, read_sft_examples, RunConfig, start_single_process, write_atomic, write_jsonl)
 from tasks import pycode as task
 from tokenizer import get_tokenizer
 

@@ -115,9 +115,11 @@ def declared_range(cls, key):
 
 
 def _check_range(cls, key, value, source):
-    """A UserError unless value lies in key's declared range; a float must be finite."""
+    """A UserError unless value lies in key's declared range; a float must be finite, a string not empty."""
     if isinstance(value, float) and not math.isfinite(value):
         raise UserError(f"{source}: {key}={value!r} must be a finite number")
+    if value == "":
+        raise UserError(f"{source}: {key} is empty; give it a value")
     bounds = declared_range(cls, key)
     if not all(RANGE_WORDS[k][1](value, b) for k, b in bounds.items()):
         raise UserError(f"{source}: {key}={value!r} must be {describe_range(bounds)}")
@@ -283,13 +285,15 @@ def setup_runtime(cfg):
     return Runtime(device, device_type, dtype, autocast, ddp, rank, local_rank, world_size)
 
 
-def start_single_process(config_class, argv, script):
-    """The start of a one-process stage: its config (files, then --key=value), the device, the config printed,
-    every RNG seeded. Returns (cfg, runtime)."""
+def start_single_process(config_class, argv, script, stage=None):
+    """The start of a one-process stage: its config (files, then --key=value), the device, a writable out_dir
+    (make_out_dir: stage is the name this stage's checkpoints carry), the config printed, every RNG seeded.
+    Returns (cfg, runtime)."""
     cfg = load_config(config_class, argv)
     rt = setup_runtime(cfg)
     if rt.ddp:
         raise UserError(f"{script} runs in one process; start it with python, not torchrun")
+    make_out_dir(cfg.out_dir, cfg.init_from, stage)
     print_config(cfg)
     seed_everything(cfg.seed)
     return cfg, rt
@@ -302,13 +306,46 @@ def grad_scaler(runtime):
 
 def optimizer_step(optimizer, scaler, parameters, grad_clip):
     """Unscale (fp16) gradients, clip their global norm, step (the scaler skips a step with inf/nan gradients),
-    and clear the gradients for the next step."""
+    and clear the gradients for the next step. Returns the gradient norm before clipping, for NonFiniteGuard."""
     if grad_clip > 0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+class NonFiniteGuard:
+    """Stops a run at the first step whose loss or gradient norm is nan or inf, with an error naming that step,
+    before weights it reached are evaluated or saved (save_checkpoint refuses them too).
+
+    record() keeps the first bad step on the device, so the GPU is not waited for at every step; check() reads
+    it back, and the loops call it at every log line and before every evaluation and checkpoint. With float16
+    an infinite gradient now and then is expected: the loss scaler skips that step and lowers its scale, so
+    there only the loss is watched."""
+
+    def __init__(self, learning_rate, scaler=None, device="cpu"):
+        self.learning_rate = learning_rate
+        self.float16 = scaler is not None and scaler.is_enabled()
+        self.first_bad_step = torch.tensor(-1, device=device)  # -1 while every step was finite
+
+    def record(self, step, loss, grad_norm=None):
+        bad = ~torch.isfinite(loss.detach()).all()
+        if grad_norm is not None and not self.float16:
+            bad = bad | ~torch.isfinite(grad_norm)
+        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
+
+    def check(self):
+        step = int(self.first_bad_step)
+        if step >= 0:
+            cause = f"learning_rate={self.learning_rate:g} is most likely too high for this model: lower it"
+            if self.float16:
+                cause += ", or use dtype='bfloat16' or 'float32' (float16 overflows above 65504)"
+            raise UserError(f"the loss or its gradient became nan or inf at step {step}; {cause}. Nothing after "
+                            f"the last checkpoint was saved")
 
 
 def seed_everything(seed):
@@ -371,7 +408,13 @@ class StopRequest:
 # checkpoints
 
 def save_checkpoint(path, checkpoint):
-    """Write atomically (write_atomic): a crash or kill at any moment leaves the old checkpoint or the new one."""
+    """Write atomically (write_atomic): a crash or kill at any moment leaves the old checkpoint or the new one.
+    Weights that are nan or inf are never written over it."""
+    for part in ("model", "critic"):
+        bad = [k for k, v in (checkpoint.get(part) or {}).items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise UserError(f"not saving {path}: the {part}'s weights {', '.join(bad[:3])} are nan or inf (the "
+                            f"training diverged; lower learning_rate); the checkpoint there is left as it was")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_atomic(path, lambda f: torch.save(checkpoint, f))
 
@@ -384,9 +427,12 @@ def load_checkpoint(path, hint=None):
         raise UserError(f"no checkpoint at {path}" + (f"; {hint}" if hint else ""))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, wrong format, pickled code...
-        raise UserError(f"{path} is not a readable checkpoint (corrupt or truncated?): "
-                        f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # empty, truncated zip, wrong format, pickled code...
+        detail = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"{path} is not a readable checkpoint (corrupt, truncated or empty?): "
+                        f"{type(e).__name__}" + (f": {detail}" if detail else "")) from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} is not a checkpoint of this project (it holds a {type(ckpt).__name__})")
     missing = [k for k in ("model_args", "model", "tokenizer") if k not in ckpt]
     if missing:
         raise UserError(f"{path} is not a checkpoint of this project (missing {', '.join(missing)})")
@@ -438,6 +484,14 @@ def model_from_checkpoint(ckpt, path="checkpoint", dropout=None, scalar_head=Non
     return model
 
 
+def gpt2_weights(name_or_dir, **kwargs):
+    """GPT.from_pretrained, with a download that fails or a directory that is not GPT-2's as a one-line error."""
+    try:
+        return GPT.from_pretrained(name_or_dir, **kwargs)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load GPT-2 weights from {name_or_dir!r}: {e}") from None
+
+
 def check_model_args(ckpt_args, wanted, path):
     """Resuming with a config that describes another model is an error, not a silent override."""
     for key, value in wanted.items():
@@ -473,13 +527,16 @@ def init_model(init_from, out_dir, model_args, tokenizer_name, stage_hint):
     if src == "scratch":
         return GPT(GPTConfig(**model_args)), None, tokenizer_name
     if src == "resume":
+        if model_args["n_embd"] % model_args["n_head"]:
+            raise UserError(f"n_embd={model_args['n_embd']} must be a multiple of n_head={model_args['n_head']}: "
+                            f"each head gets n_embd / n_head dimensions")
         path = os.path.join(out_dir, "ckpt.pt")
         ckpt = load_checkpoint(path, hint="init_from='resume' continues a run in out_dir; start one with "
                                           "init_from='scratch' first")
         check_model_args(ckpt["model_args"], {k: v for k, v in model_args.items() if k != "block_size"}, path)
         return model_from_checkpoint(ckpt, path, dropout=model_args.get("dropout")), ckpt, ckpt["tokenizer"]
     if os.path.isfile(os.path.join(src, "config.json")) or (src.startswith("gpt2") and not os.path.isdir(src)):
-        model = GPT.from_pretrained(src, dropout=model_args.get("dropout", 0.0))
+        model = gpt2_weights(src, dropout=model_args.get("dropout", 0.0))
         if model_args.get("block_size", model.config.block_size) < model.config.block_size:
             model.crop_block_size(model_args["block_size"])
         return model, None, "gpt2"
@@ -511,21 +568,40 @@ def read_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
         raise UserError(f"{path} not found; {prepare_hint(data_dir)}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, OSError) as e:  # not JSON, not UTF-8, not a file
+        raise UserError(f"{path} is not readable JSON ({e}); make the dataset again: "
+                        f"{prepare_hint(data_dir)}") from None
+    missing = [k for k in ("tokenizer", "n_vocab") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; make the dataset again: {prepare_hint(data_dir)}")
+    return meta
 
 
 class TokenBatches:
     """Random windows of block_size + 1 tokens from train.bin or val.bin: x is the window, y the window
-    shifted by one (the next token at every position)."""
+    shifted by one (the next token at every position). tokenizer: the one the data must have been made with."""
 
-    def __init__(self, data_dir, split, block_size, batch_size, device):
+    def __init__(self, data_dir, split, block_size, batch_size, device, tokenizer=None):
         self.path = os.path.join(data_dir, f"{split}.bin")
         if not os.path.exists(self.path):
             raise UserError(f"{self.path} not found; {prepare_hint(data_dir)}")
+        meta = read_meta(data_dir)
+        if tokenizer is not None and meta["tokenizer"] != tokenizer:
+            raise UserError(f"{data_dir} was made with the tokenizer {meta['tokenizer']!r}, not the model's "
+                            f"{tokenizer!r}; use data made with the model's tokenizer")
+        if os.path.getsize(self.path) % 2:
+            raise UserError(f"{self.path} has an odd number of bytes, so it is not uint16 token ids; make the "
+                            f"dataset again: {prepare_hint(data_dir)}")
         self.n_tokens = os.path.getsize(self.path) // 2
         if self.n_tokens <= block_size + 1:
             raise UserError(f"{self.path} has {self.n_tokens} tokens, fewer than one block of {block_size + 1}")
+        largest = int(np.memmap(self.path, dtype=np.uint16, mode="r")[:10_000_000].max())  # a quick look
+        if largest >= meta["n_vocab"]:
+            raise UserError(f"{self.path} holds token id {largest}, but meta.json's tokenizer has {meta['n_vocab']} "
+                            f"tokens; make the dataset again: {prepare_hint(data_dir)}")
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
 
     def get(self, generator):
@@ -545,7 +621,8 @@ class TokenBatches:
 
 class Metrics:
     """One JSON object per line in out_dir/metrics.jsonl. On resume from step N the records of steps after N
-    are dropped: the checkpoint knows nothing of them, and the resumed run writes them again."""
+    are dropped: the checkpoint knows nothing of them, and the resumed run writes them again. The file is
+    rewritten atomically, so a kill meanwhile leaves every record it had."""
 
     def __init__(self, out_dir, resume_iter=None, enabled=True):
         self.path = os.path.join(out_dir, "metrics.jsonl")
@@ -556,9 +633,7 @@ class Metrics:
         kept = []
         if resume_iter is not None and os.path.exists(self.path):
             kept = [r for r in read_jsonl_records(self.path) if r.get("iter", 0) <= resume_iter]
-        with open(self.path, "w") as f:
-            for r in kept:
-                f.write(json.dumps(r) + "\n")
+        write_jsonl(self.path, kept)
 
     def log(self, **record):
         if self.enabled:
@@ -567,8 +642,19 @@ class Metrics:
 
 
 def read_jsonl_records(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics file. A last line cut short (a run killed while appending it) is left out."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n < len(lines):  # a complete line (a newline follows it) that is not JSON: the file is damaged
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return records
 
 
 def plot_curves(path, panels, title, xlabels=None, vlines=None):
@@ -595,8 +681,14 @@ def plot_curves(path, panels, title, xlabels=None, vlines=None):
 
 def write_atomic(path, write):
     """Write through a temp file in the same directory, flushed to disk, then renamed over the old one: a crash or
-    kill at any moment leaves the old file or the new one, never half of one. write(f) fills a binary file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
+    kill at any moment leaves the old file or the new one, never half of one (a kill leaves the temp file too,
+    which make_out_dir removes at the next start). write(f) fills a binary file. A file system that refuses
+    (read-only, full) is a UserError; the old file is left as it was."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".",
+                                   suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -604,9 +696,53 @@ def write_atomic(path, write):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
         raise
+
+
+def checkpoint_stage(path):
+    """The stage that wrote a checkpoint, read without loading its tensors (None if it cannot be read)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("stage")
+    except Exception:  # corrupt or not ours: nothing worth keeping from another stage
+        return None
+
+
+def is_temp_file(name):
+    """Whether a file name is one of write_atomic's temp files: '<name>.<8 random characters>.tmp'."""
+    return re.fullmatch(r".+\.[a-z0-9_]{8}\.tmp", name) is not None
+
+
+def make_out_dir(out_dir, init_from=None, stage=None):
+    """Create out_dir if needed and check that files can be written there, before any work is done; remove the
+    temp files of writes a kill cut short (a checkpoint or metrics file they were to replace is intact).
+    A new run may not write over the checkpoint it starts from (init_from) or another stage's checkpoint."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"out_dir {out_dir!r} is a file, not a directory; choose another out_dir")
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if stage is not None and init_from != "resume" and os.path.isfile(ckpt_path):
+        if os.path.exists(init_from) and os.path.samefile(init_from, out_dir):
+            raise UserError(f"out_dir and init_from are both {out_dir!r}: the run would write over the checkpoint it "
+                            f"starts from; choose another out_dir (or init_from='resume' to continue it)")
+        found = checkpoint_stage(ckpt_path)
+        if found not in (None, stage):
+            raise UserError(f"{ckpt_path} is a {found!r} checkpoint that this {stage!r} run would write over; "
+                            f"choose another out_dir")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write_probe.", suffix=".tmp")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir {out_dir!r}: {e.strerror}; choose another out_dir") from None
+    stale = [name for name in os.listdir(out_dir) if is_temp_file(name)]
+    for name in stale:
+        os.remove(os.path.join(out_dir, name))
+    if stale:
+        print(f"removed {len(stale)} temp file(s) an interrupted write left in {out_dir}: {', '.join(stale)}")
 
 
 def write_jsonl(path, rows):
@@ -649,11 +785,15 @@ def format_duration(seconds):
 
 def read_jsonl(path):
     """[(line number, object)] from a JSON-lines file; a bad line is an error naming file:line."""
-    if not os.path.exists(path):
-        raise UserError(f"{path} not found")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found" if not os.path.exists(path) else f"{path} is not a file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # -sig: a byte-order mark some editors add
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x}); save it as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -734,8 +874,10 @@ def read_preference_pairs(path):
             chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
             if not chosen.strip() or not rejected.strip():
                 raise UserError(f"{where}: empty response after the prompt")
-        kind = obj.get("kind", "all")
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": str(kind)})
+        kind = str(obj.get("kind", "unlabelled"))  # HH-RLHF's pairs have no kind
+        if kind == "all":
+            raise UserError(f"{where}: kind 'all' names the overall results; call this kind something else")
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": kind})
     return pairs
 
 

@@ -92,6 +92,8 @@ def test_a_range_declared_with_the_key_is_checked_and_shown_in_help(tmp_path):
         load_config(Demo, ["--eval_interval=0"])
     with pytest.raises(UserError, match=r"dropout=inf must be a finite number"):
         load_config(Demo, ["--dropout=1e999"])
+    with pytest.raises(UserError, match=r"command line: name is empty; give it a value"):
+        load_config(Demo, ["--name="])
     cfg_file = tmp_path / "c.py"
     cfg_file.write_text("dropout = -0.1\n")
     with pytest.raises(UserError, match=r"c.py: dropout=-0.1 must be at least 0"):
