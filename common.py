@@ -439,12 +439,12 @@ def load_checkpoint(path, hint=None):
     return ckpt
 
 
-def resume_checkpoint(out_dir, stage, what):
+def resume_checkpoint(out_dir, stage, what, start="init_from=<an SFT out_dir>"):
     """out_dir/ckpt.pt of an earlier run of this stage, for init_from='resume'; returns (path, checkpoint).
-    A checkpoint another stage wrote there is an error that says so: what names this stage's runs ('DPO run')."""
+    A checkpoint another stage wrote there is an error that says so: what names this stage's runs ('DPO run');
+    start says how such a run starts."""
     path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(path, hint="init_from='resume' continues a run in out_dir; start one with "
-                                      "init_from=<an SFT out_dir> first")
+    ckpt = load_checkpoint(path, hint=f"init_from='resume' continues a run in out_dir; start one with {start} first")
     if ckpt.get("stage") != stage:
         raise UserError(f"{path} is a {ckpt.get('stage')!r} checkpoint, not a {what}'s; use another out_dir")
     return path, ckpt
@@ -517,22 +517,22 @@ def set_rng_state(state, data_generator=None):
         data_generator.set_state(state["data"])
 
 
-def init_model(init_from, out_dir, model_args, tokenizer_name, stage_hint):
+def init_model(init_from, out_dir, model_args, tokenizer_name, stage_hint, stage=None, what=None,
+               start="init_from='scratch'"):
     """The model a stage starts from. Returns (model, checkpoint or None, tokenizer name).
 
     init_from: 'scratch', a new GPT from model_args; 'resume', out_dir/ckpt.pt with its optimizer and RNG
-    state; a GPT-2 name or a local Hugging Face directory, GPT-2 weights; another stage's out_dir, its weights.
+    state, which must be a checkpoint of this stage (stage, what and start as for resume_checkpoint); a GPT-2
+    name or a local Hugging Face directory, GPT-2 weights; another stage's out_dir, its weights.
     """
     src = init_from
     if src == "scratch":
-        return GPT(GPTConfig(**model_args)), None, tokenizer_name
-    if src == "resume":
         if model_args["n_embd"] % model_args["n_head"]:
             raise UserError(f"n_embd={model_args['n_embd']} must be a multiple of n_head={model_args['n_head']}: "
                             f"each head gets n_embd / n_head dimensions")
-        path = os.path.join(out_dir, "ckpt.pt")
-        ckpt = load_checkpoint(path, hint="init_from='resume' continues a run in out_dir; start one with "
-                                          "init_from='scratch' first")
+        return GPT(GPTConfig(**model_args)), None, tokenizer_name
+    if src == "resume":
+        path, ckpt = resume_checkpoint(out_dir, stage, what, start)
         check_model_args(ckpt["model_args"], {k: v for k, v in model_args.items() if k != "block_size"}, path)
         return model_from_checkpoint(ckpt, path, dropout=model_args.get("dropout")), ckpt, ckpt["tokenizer"]
     if os.path.isfile(os.path.join(src, "config.json")) or (src.startswith("gpt2") and not os.path.isdir(src)):

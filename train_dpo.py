@@ -249,7 +249,7 @@ def main(argv=None):
         if ckpt["template"] != cfg.template:
             raise UserError(f"{path} was trained with template={ckpt['template']!r}, not {cfg.template!r}; resume "
                             f"with the same template or use a new out_dir")
-        sft_source = ckpt["config"]["init_from"]
+        sft_source = ckpt.get("sft_source", ckpt["config"]["init_from"])  # where the run began, resumed or not
     sft_ckpt = load_checkpoint(sft_source, hint="make it with `python train_sft.py config/sft_small.py`")
     policy = model_from_checkpoint(ckpt or sft_ckpt, cfg.out_dir if ckpt else sft_source, dropout=cfg.dropout,
                                    scalar_head=False)
@@ -332,7 +332,7 @@ def main(argv=None):
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
                     "config": asdict(cfg), "rng": rng_state(), "tokenizer": tok.spec, "template": cfg.template,
                     "before": before, "eval": last, "completions": last_completions, "ref_train": ref_train,
-                    "train_pairs": train_pairs})
+                    "train_pairs": train_pairs, "sft_source": sft_source})
             if at_end:
                 break
 

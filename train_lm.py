@@ -110,7 +110,7 @@ def main(argv=None):
     model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                       vocab_size=meta["n_vocab"], dropout=cfg.dropout, bias=cfg.bias)
     model, ckpt, tokenizer_spec = init_model(cfg.init_from, cfg.out_dir, model_args, meta["tokenizer"],
-                                             stage_hint="make one with train_lm.py")
+                                             stage_hint="make one with train_lm.py", stage="lm", what="pretraining run")
     if tokenizer_spec != meta["tokenizer"]:
         raise UserError(f"the model uses the {tokenizer_name(tokenizer_spec)!r} tokenizer but data/{cfg.dataset} was "
                         f"prepared with {tokenizer_name(meta['tokenizer'])!r}; pretrain on the data it was made with")

@@ -219,7 +219,7 @@ def main(argv=None, score_fn=None):
     ckpt = None
     if resuming:
         _, ckpt = resume_checkpoint(cfg.out_dir, "ppo", "PPO run")
-        sft_source = ckpt["config"]["init_from"]
+        sft_source = ckpt.get("sft_source", ckpt["config"]["init_from"])  # where the run began, resumed or not
     hint = "make it with `python train_sft.py config/sft_small.py`"
     sft_ckpt = load_checkpoint(sft_source, hint=hint)
     tok = get_tokenizer(sft_ckpt["tokenizer"])
@@ -231,6 +231,9 @@ def main(argv=None, score_fn=None):
     reward_model, rm_stats, critic = None, (0.0, 1.0), None
     if score_fn is None or not shared:
         rm_ckpt = load_checkpoint(cfg.reward_model, hint="make it with `python train_rm.py config/rm_small.py`")
+        if not rm_ckpt["model_args"].get("scalar_head"):
+            raise UserError(f"{cfg.reward_model} holds a {rm_ckpt.get('stage', '?')!r} model without a scalar head, "
+                            f"not a reward model; make one with `python train_rm.py config/rm_small.py`")
         if rm_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
             raise UserError(f"the reward model uses the {tokenizer_name(rm_ckpt['tokenizer'])!r} tokenizer but the "
                             f"policy uses {tokenizer_name(sft_ckpt['tokenizer'])!r}; train both from the same "
@@ -278,7 +281,8 @@ def main(argv=None, score_fn=None):
     before = ckpt["before"] if ckpt else None
     generator = torch.Generator(device=rt.device)
     cpu_generator = torch.Generator()
-    last_eval, after_completions = None, []
+    # resumed at the last iteration, nothing is evaluated again: the report takes the checkpoint's evaluation
+    last_eval, after_completions = (ckpt.get("eval"), ckpt.get("completions", [])) if ckpt else (None, [])
     t_start = time.time()
 
     def save(iter_num):
@@ -286,7 +290,8 @@ def main(argv=None, score_fn=None):
             "stage": "ppo", "model_args": asdict(policy.config), "model": policy.state_dict(),
             "critic": critic.state_dict() if critic is not None else None, "optimizer": optimizer.state_dict(),
             "iter_num": iter_num, "kl_coef": kl_ctl.beta, "config": asdict(cfg), "rng": rng_state(),
-            "tokenizer": tok.spec, "before": before, "template": cfg.template})
+            "tokenizer": tok.spec, "before": before, "template": cfg.template, "sft_source": sft_source,
+            "eval": last_eval, "completions": after_completions[:cfg.eval_samples_shown]})
 
     with StopRequest() as stop:
         for it in range(start_iter, cfg.max_iters + 1):
@@ -299,8 +304,8 @@ def main(argv=None, score_fn=None):
                 print(f"eval @ {it}: {task.describe(last_eval)}; RM score {last_eval.get('rm_score', float('nan')):.3f}",
                       flush=True)
                 metrics.log(iter=it, **{f"eval_{k}": v for k, v in last_eval.items()})
-                save(it)
                 after_completions = completions
+                save(it)
             if at_end:
                 break
 

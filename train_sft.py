@@ -170,7 +170,8 @@ def main(argv=None):
     model_args = {"dropout": cfg.dropout, **({"block_size": cfg.block_size} if cfg.block_size else {})}
     model, ckpt, tokenizer_spec = init_model(
         cfg.init_from, cfg.out_dir, model_args, None,
-        stage_hint="make it with `python train_lm.py config/lm_small.py` (or set init_from to a pretraining out_dir)")
+        stage_hint="make it with `python train_lm.py config/lm_small.py` (or set init_from to a pretraining out_dir)",
+        stage="sft", what="fine-tuning run", start="init_from=<a pretraining out_dir>")
     if ckpt is not None and ckpt.get("template", cfg.template) != cfg.template:
         raise UserError(f"{cfg.out_dir}/ckpt.pt was trained with template={ckpt['template']!r}, not "
                         f"{cfg.template!r}; resume with the same template or use a new out_dir")
