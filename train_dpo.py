@@ -41,8 +41,8 @@ import torch
 from torch.nn import functional as F
 
 from common import (before_after_table, cosine_lr, field, format_duration, grad_scaler, load_checkpoint, Metrics,
-                    model_from_checkpoint, optimizer_step, plot_curves, read_jsonl_records, read_preference_pairs,
-                    resume_checkpoint, rng_state, RunConfig, save_checkpoint, set_rng_state,
+                    model_from_checkpoint, NonFiniteGuard, optimizer_step, plot_curves, read_jsonl_records,
+                    read_preference_pairs, resume_checkpoint, rng_state, RunConfig, save_checkpoint, set_rng_state,
                     start_single_process, StopRequest, UserError, write_before_after)
 from tasks import pycode as task
 from tokenizer import get_tokenizer
@@ -237,7 +237,7 @@ def plot(cfg, path):
 # --------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg, rt = start_single_process(Config, argv, "train_dpo.py")
+    cfg, rt = start_single_process(Config, argv, "train_dpo.py", stage="dpo")
 
     # ---- the two models, both the SFT model at the start: the policy (trained) and the reference (frozen)
     ckpt, sft_source = None, cfg.init_from
@@ -311,6 +311,7 @@ def main(argv=None):
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     interval = {"loss": 0.0, "dpo_loss": 0.0, "accuracy": 0.0, "margin": 0.0, "drift": 0.0}
     interval_iters, interval_time = 0, 0.0
+    guard = NonFiniteGuard(cfg.learning_rate, scaler, rt.device)
     t_start = time.time()
     with StopRequest() as stop:
         while True:
@@ -321,6 +322,7 @@ def main(argv=None):
             # evaluate and checkpoint: at the start (the SFT model), every eval_interval steps and at the end
             at_end = iter_num >= cfg.max_iters or stop.requested
             if (iter_num % cfg.eval_interval == 0 or at_end) and iter_num != resumed_at:
+                guard.check()  # a step that went nan or inf stops the run here, before evaluating or saving
                 t0 = time.time()
                 last, completions = evaluate(raw_policy, ref, val, ref_val, val_batches, eval_set, tok, cfg, rt)
                 last_completions = completions[:cfg.eval_samples_shown]
@@ -343,7 +345,8 @@ def main(argv=None):
             ref_logp = ref_train[index].to(rt.device)  # looked up: computed once, before the loop
             loss = dpo_loss(logp[:, 0], logp[:, 1], ref_logp[:, 0], ref_logp[:, 1], cfg.beta, cfg.dpop_lambda)
             scaler.scale(loss).backward()
-            optimizer_step(optimizer, scaler, policy.parameters(), cfg.grad_clip)
+            grad_norm = optimizer_step(optimizer, scaler, policy.parameters(), cfg.grad_clip)
+            guard.record(iter_num + 1, loss, grad_norm)
             stats = pair_stats(logp, ref_logp, cfg.beta, [train["kinds"][i] for i in index], cfg.dpop_lambda)
             for key in interval:
                 interval[key] += stats[key]
@@ -352,6 +355,7 @@ def main(argv=None):
             iter_num += 1
 
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+                guard.check()
                 record = {f"train_{k}": v / interval_iters for k, v in interval.items()}
                 dt = interval_time / interval_iters
                 print(f"iter {iter_num}/{cfg.max_iters}: loss {record['train_loss']:.4f}, implicit accuracy "

@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (optimizer_step, Metrics, dataset_dir, field, RunConfig, StopRequest, TokenBatches, UserError,
-                    cosine_lr, format_duration, grad_scaler, init_model, load_config, measure_matmul_flops,
-                    plot_curves, print_config, read_jsonl_records, read_meta, rng_state, save_checkpoint,
-                    seed_everything, set_rng_state, setup_runtime)
+from common import (optimizer_step, Metrics, dataset_dir, field, NonFiniteGuard, RunConfig, StopRequest, TokenBatches,
+                    UserError, cosine_lr, format_duration, grad_scaler, init_model, load_config, make_out_dir,
+                    measure_matmul_flops, plot_curves, print_config, read_jsonl_records, read_meta, rng_state,
+                    save_checkpoint, seed_everything, set_rng_state, setup_runtime)
 from tokenizer import get_tokenizer, tokenizer_name
 
 
@@ -92,6 +92,7 @@ def main(argv=None):
     cfg = load_config(Config, argv)
     rt = setup_runtime(cfg)
     if rt.is_master:
+        make_out_dir(cfg.out_dir, cfg.init_from, stage="lm")
         print_config(cfg)
     seed_everything(cfg.seed + rt.rank)
     if cfg.gradient_accumulation_steps % rt.world_size:
@@ -150,6 +151,7 @@ def main(argv=None):
     eval_batches = {"train": train_data, "val": val_data}
     last = {"val": ckpt["val_loss"]} if ckpt else {}
     loss_sum, interval_iters, interval_time = torch.zeros((), device=rt.device), 0, 0.0
+    guard = NonFiniteGuard(cfg.learning_rate, scaler, rt.device)
     t_start = time.time()
     with StopRequest() as stop:
         while True:
@@ -160,6 +162,7 @@ def main(argv=None):
             # evaluate and checkpoint; the checkpoint holds everything needed to continue from this very step
             at_end = iter_num >= cfg.max_iters or stop.requested
             if rt.is_master and (iter_num % cfg.eval_interval == 0 or at_end) and iter_num != resumed_at:
+                guard.check()  # a step that went nan or inf stops the run here, before evaluating or saving
                 last = evaluate(model, eval_batches, cfg.eval_iters, rt.autocast, cfg.seed)
                 print(f"step {iter_num}: train loss {last['train']:.4f}, val loss {last['val']:.4f}")
                 metrics.log(iter=iter_num, eval_train_loss=last["train"], val_loss=last["val"])
@@ -183,7 +186,8 @@ def main(argv=None):
                     loss = loss / accum  # the mean over all micro-steps, not their sum
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
-            optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
+            grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
+            guard.record(iter_num + 1, loss, grad_norm)
             if rt.device_type == "cuda" and (iter_num + 1) % cfg.log_interval == 0:
                 torch.cuda.synchronize()  # honest timings
             interval_time += time.time() - t0
@@ -191,6 +195,7 @@ def main(argv=None):
             iter_num += 1
 
             if rt.is_master and (iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters):
+                guard.check()
                 train_loss = loss_sum.item() / interval_iters
                 dt = interval_time / interval_iters
                 tok_s = tokens_per_iter / dt

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from common import (batch_rows, before_after_table, dataset_dir, field, format_duration, load_checkpoint, Metrics,
-                    model_from_checkpoint, pad_left, plot_curves, read_jsonl_records, read_prompts, resume_checkpoint,
-                    rng_state, RunConfig, save_checkpoint, set_rng_state, start_single_process, StopRequest,
-                    TokenBatches, UserError, write_before_after)
+                    model_from_checkpoint, NonFiniteGuard, pad_left, plot_curves, read_jsonl_records, read_prompts,
+                    resume_checkpoint, rng_state, RunConfig, save_checkpoint, set_rng_state, start_single_process,
+                    StopRequest, TokenBatches, UserError, write_before_after)
 from tasks import pycode as task
 from tokenizer import get_tokenizer, tokenizer_name
 from train_rm import reward_at_last_token  # the score, read at the last real token, exactly as the RM was trained
@@ -211,7 +211,7 @@ def evaluate(policy, ref, reward_model, tok, eval_set, cfg, rt):
 def main(argv=None, score_fn=None):
     """score_fn(prompt texts, response ids, response mask) -> scores, when given, replaces the reward model
     (the tests use a toy reward with a known optimum)."""
-    cfg, rt = start_single_process(Config, argv, "train_ppo.py")
+    cfg, rt = start_single_process(Config, argv, "train_ppo.py", stage="ppo")
 
     # ---- the four models: policy (trained), critic (trained), reference (frozen SFT), reward model (frozen)
     resuming = cfg.init_from == "resume"
@@ -265,7 +265,7 @@ def main(argv=None, score_fn=None):
     ptx_data = None
     if cfg.ptx_coef > 0:
         ptx_data = TokenBatches(dataset_dir(cfg.ptx_dataset), "train", policy.config.block_size - 1,
-                                cfg.ptx_batch_size, rt.device)
+                                cfg.ptx_batch_size, rt.device, tokenizer=tok.spec)
 
     # ---- prompts
     max_prompt = policy.config.block_size - cfg.max_new_tokens
@@ -283,6 +283,7 @@ def main(argv=None, score_fn=None):
     cpu_generator = torch.Generator()
     # resumed at the last iteration, nothing is evaluated again: the report takes the checkpoint's evaluation
     last_eval, after_completions = (ckpt.get("eval"), ckpt.get("completions", [])) if ckpt else (None, [])
+    guard = NonFiniteGuard(cfg.learning_rate, device=rt.device)
     t_start = time.time()
 
     def save(iter_num):
@@ -379,7 +380,8 @@ def main(argv=None, score_fn=None):
                         stats["ptx"].append(ptx_loss.item())
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    guard.record(it + 1, loss, grad_norm)
                     optimizer.step()
                     stats["policy_loss"].append(pg_loss.item())
                     stats["value_loss"].append(vf_loss.item())
@@ -390,6 +392,7 @@ def main(argv=None, score_fn=None):
                     break  # the policy already moved far from the one that collected the rollout
             t3 = time.time()
 
+            guard.check()  # an update that went nan or inf stops the run before the next rollout samples from it
             # ---- bookkeeping: the adaptive controller sees the KL of this rollout, per response
             kl_per_response = kl.sum(dim=1).mean().item()
             if cfg.adaptive_kl:

@@ -33,11 +33,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common import (cosine_lr, encode_prompt_response, field, format_duration, format_prompt, grad_scaler,
-                    load_checkpoint, Metrics, model_from_checkpoint, optimizer_step, pad_right, plot_curves,
-                    read_jsonl_records, read_preference_pairs, read_scored_examples, resume_checkpoint, rng_state,
-                    RunConfig, save_checkpoint, set_rng_state, start_single_process, StopRequest, UserError)
-from model import GPT
+from common import (cosine_lr, encode_prompt_response, field, format_duration, format_prompt, gpt2_weights,
+                    grad_scaler, load_checkpoint, Metrics, model_from_checkpoint, NonFiniteGuard, optimizer_step,
+                    pad_right, plot_curves, read_jsonl_records, read_preference_pairs, read_scored_examples,
+                    resume_checkpoint, rng_state, RunConfig, save_checkpoint, set_rng_state, start_single_process,
+                    StopRequest, UserError)
 from tokenizer import get_tokenizer
 
 
@@ -285,7 +285,7 @@ def build_model(cfg):
         return model, ckpt, ckpt["tokenizer"], ckpt.get("backbone", "?")
     if cfg.init_from.startswith("gpt2") and not os.path.isdir(cfg.init_from) or \
             os.path.isfile(os.path.join(cfg.init_from, "config.json")):
-        return GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout, scalar_head=True), None, "gpt2", cfg.init_from
+        return gpt2_weights(cfg.init_from, dropout=cfg.dropout, scalar_head=True), None, "gpt2", cfg.init_from
     ckpt = load_checkpoint(cfg.init_from, hint=init_hint(cfg.init_from))
     model = model_from_checkpoint(ckpt, cfg.init_from, dropout=cfg.dropout, scalar_head=True)
     return model, None, ckpt["tokenizer"], cfg.init_from
@@ -348,7 +348,7 @@ def plot(cfg, path):
 
 
 def main(argv=None):
-    cfg, rt = start_single_process(Config, argv, "train_rm.py")
+    cfg, rt = start_single_process(Config, argv, "train_rm.py", stage="rm")
 
     # ---- the model: backbone + scalar head; the data is tokenized with the backbone's own tokenizer
     model, ckpt, tokenizer_spec, backbone = build_model(cfg)
@@ -389,6 +389,7 @@ def main(argv=None):
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     last = {k: ckpt[k] for k in ("val_loss", "val_accuracy", "by_kind") if k in ckpt} if ckpt else {}
     loss_sum, acc_sum, interval_iters, interval_time = 0.0, 0.0, 0, 0.0
+    guard = NonFiniteGuard(cfg.learning_rate, scaler, rt.device)
     t_start = time.time()
     with StopRequest() as stop:
         while True:
@@ -399,6 +400,7 @@ def main(argv=None):
             # evaluate on the held-out data and checkpoint, at the start, every eval_interval steps and at the end
             at_end = iter_num >= cfg.max_iters or stop.requested
             if (iter_num % cfg.eval_interval == 0 or at_end) and iter_num != resumed_at:
+                guard.check()  # a step that went nan or inf stops the run here, before evaluating or saving
                 last = evaluate(model, val, cfg, tok.eot_token, rt)
                 record = {k: v for k, v in last.items() if k != "by_kind"}
                 line = f"step {iter_num}: val loss {last['val_loss']:.4f}"
@@ -425,7 +427,8 @@ def main(argv=None):
             index = batch_indices(cfg.seed, iter_num, cfg.batch_size, lengths)
             loss, acc = train_step_loss(model, train, index, cfg, tok.eot_token, rt)
             scaler.scale(loss).backward()
-            optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
+            grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
+            guard.record(iter_num + 1, loss, grad_norm)
             loss_sum += loss.item()
             acc_sum += acc.item() if acc is not None else 0.0
             interval_time += time.time() - t0
@@ -433,6 +436,7 @@ def main(argv=None):
             iter_num += 1
 
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+                guard.check()
                 dt = interval_time / interval_iters
                 record = {"train_loss": loss_sum / interval_iters, "lr": lr, "ms_per_iter": dt * 1000}
                 line = f"iter {iter_num}/{cfg.max_iters}: loss {record['train_loss']:.4f}"

@@ -33,9 +33,10 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from common import (complete, cosine_lr, encode_prompt_response, field, format_duration, format_prompt, grad_scaler, init_model,
-                    Metrics, optimizer_step, pad_right, plot_curves, read_jsonl_records, read_sft_examples, rng_state,
-                    RunConfig, save_checkpoint, set_rng_state, start_single_process, StopRequest, UserError)
+from common import (complete, cosine_lr, encode_prompt_response, field, format_duration, format_prompt, grad_scaler,
+                    init_model, Metrics, NonFiniteGuard, optimizer_step, pad_right, plot_curves, read_jsonl_records,
+                    read_sft_examples, rng_state, RunConfig, save_checkpoint, set_rng_state, start_single_process,
+                    StopRequest, UserError)
 from tasks import pycode as task
 from tokenizer import get_tokenizer
 
@@ -161,7 +162,7 @@ def describe(m):
 # --------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg, rt = start_single_process(Config, argv, "train_sft.py")
+    cfg, rt = start_single_process(Config, argv, "train_sft.py", stage="sft")
 
     # ---- model: the pretrained LM (or the SFT run to resume); its tokenizer is the one the data is encoded with
     if cfg.init_from == "scratch":
@@ -226,6 +227,7 @@ def main(argv=None):
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     completions = []
     loss_sum, tokens, interval_iters, interval_time = 0.0, 0, 0, 0.0
+    guard = NonFiniteGuard(cfg.learning_rate, scaler, rt.device)
     t_start = time.time()
     with StopRequest() as stop:
         while True:
@@ -236,6 +238,7 @@ def main(argv=None):
             # evaluate and checkpoint; the checkpoint holds everything needed to continue from this very step
             at_end = iter_num >= cfg.max_iters or stop.requested
             if (iter_num % cfg.eval_interval == 0 or at_end) and iter_num != resumed_at:
+                guard.check()  # a step that went nan or inf stops the run here, before evaluating or saving
                 t0 = time.time()
                 last, completions = evaluate(raw_model, val_examples, eval_set, tok, cfg, rt,
                                              samples=cfg.eval_samples if at_end else 0)
@@ -258,7 +261,8 @@ def main(argv=None):
             with rt.autocast:
                 _, loss = model(x, y)  # the mean over response tokens: y is -1 on prompt and padding
             scaler.scale(loss).backward()
-            optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
+            grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
+            guard.record(iter_num + 1, loss, grad_norm)
             loss_sum += loss.item()
             tokens += x.numel()
             interval_time += time.time() - t0
@@ -266,6 +270,7 @@ def main(argv=None):
             iter_num += 1
 
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+                guard.check()
                 train_loss = loss_sum / interval_iters
                 dt = interval_time / interval_iters
                 eta = (cfg.max_iters - iter_num) * dt
