@@ -47,7 +47,7 @@ def field(default, *, min=None, max=None, above=None, below=None):
     """A config key's default and the values it may take, declared next to it and checked by load_config for
     every stage:  `batch_size: int = field(16, min=1)  # sequences per step`.
     min and max are inclusive bounds, above and below exclusive ones."""
-    bounds = {k: v for k, v in (("min", min), ("max", max), ("above", above), ("below", below)) if v is not None}
+    bounds = {k: v for k, v in (("min", min), ("above", above), ("max", max), ("below", below)) if v is not None}
     return dataclasses.field(default=default, metadata={"range": bounds})
 
 
