@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from model import GPT, GPTConfig, config_from_dict
+from tokenizer import TOKENIZERS
 
 
 class UserError(SystemExit):
@@ -577,6 +578,10 @@ def read_meta(data_dir):
     missing = [k for k in ("tokenizer", "n_vocab") if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}; make the dataset again: {prepare_hint(data_dir)}")
+    spec = meta["tokenizer"]
+    if not (spec in TOKENIZERS or isinstance(spec, dict) and spec.get("kind") == "bpe" and "tokens" in spec):
+        raise UserError(f"{path} names an unknown tokenizer {spec!r}; make the dataset again: "
+                        f"{prepare_hint(data_dir)}")
     return meta
 
 

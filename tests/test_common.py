@@ -132,6 +132,7 @@ def test_a_resume_keeps_the_records_up_to_its_step_and_drops_a_line_a_kill_cut_s
     (b'{"tokenizer": "byte"}', r"meta.json lacks n_vocab; make the dataset again"),
     (b'["byte", 257]', r"meta.json lacks tokenizer, n_vocab"),
     (b'{"tokenizer": "caf\xe9"}', r"meta.json is not readable JSON"),
+    (b'{"tokenizer": "bytes", "n_vocab": 257}', r"meta.json names an unknown tokenizer 'bytes'"),
 ])
 def test_a_corrupt_or_incomplete_meta_json_is_a_one_line_error(tmp_path, content, message):
     (tmp_path / "meta.json").write_bytes(content)
