@@ -27,9 +27,8 @@ from typing import Literal
 
 import torch
 
-from common import (complete, encode_prompt_response, format_duration, format_prompt, load_checkpoint,
-                    model_from_checkpoint, read_sft_examples, RunConfig, start_single_process, UserError, write_atomic,
-                    write_jsonl)
+from common import (complete, encode_prompt_response, field, format_duration, format_prompt, load_checkpoint,
+                    model_from_checkpoint, read_sft_examples, RunConfig, start_single_process, write_atomic, write_jsonl)
 from tasks import pycode as task
 from tokenizer import get_tokenizer
 
@@ -41,11 +40,11 @@ class Config(RunConfig):
     train_file: str = "data/pycode/sft_train.jsonl"  # prompts (with their real responses) for training pairs
     val_file: str = "data/pycode/sft_val.jsonl"  # prompts for held-out pairs: the reward model never trains on them
     template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
-    samples_per_prompt: int = 4  # responses sampled per prompt; each bad one can make a pair
-    max_pairs_per_prompt: int = 2  # at most this many pairs per prompt, so no prompt dominates
-    max_new_tokens: int = 96  # as in train_ppo.py: the responses PPO will sample
-    temperature: float = 1.0  # as in train_ppo.py's rollouts
-    batch_size: int = 64  # prompts per generate call
+    samples_per_prompt: int = field(4, min=1)  # responses sampled per prompt; each bad one can make a pair
+    max_pairs_per_prompt: int = field(2, min=1)  # at most this many pairs per prompt, so no prompt dominates
+    max_new_tokens: int = field(96, min=1)  # as in train_ppo.py: the responses PPO will sample
+    temperature: float = field(1.0, above=0)  # as in train_ppo.py's rollouts
+    batch_size: int = field(64, min=1)  # prompts per generate call
     empty_pairs: bool = True  # also, for every training prompt, a good response against the empty one (kind 'empty')
 
 
@@ -88,9 +87,6 @@ def collect(model, tok, examples, cfg, rt, rng, generator, empty_pairs=False):
 
 def main(argv=None):
     cfg, rt = start_single_process(Config, argv, "collect_pairs.py")
-    for name in ("samples_per_prompt", "max_pairs_per_prompt", "max_new_tokens", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     ckpt = load_checkpoint(cfg.init_from, hint="make it with `python train_sft.py config/sft_small.py`")
     tok = get_tokenizer(ckpt["tokenizer"])
     model = model_from_checkpoint(ckpt, cfg.init_from, dropout=0.0).to(rt.device).eval()

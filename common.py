@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import typing
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from model import GPT, GPTConfig, config_from_dict
+from tokenizer import TOKENIZERS
 
 
 class UserError(SystemExit):
@@ -42,15 +44,23 @@ class UserError(SystemExit):
 # ----------------------------------------------------------------------------------------------------------
 # configuration
 
+def field(default, *, min=None, max=None, above=None, below=None):
+    """A config key's default and the values it may take, declared next to it and checked by load_config for
+    every stage:  `batch_size: int = field(16, min=1)  # sequences per step`.
+    min and max are inclusive bounds, above and below exclusive ones."""
+    bounds = {k: v for k, v in (("min", min), ("above", above), ("max", max), ("below", below)) if v is not None}
+    return dataclasses.field(default=default, metadata={"range": bounds})
+
+
 @dataclass
 class RunConfig:
     """The keys every stage shares, so that moving between stages needs no relearning."""
     out_dir: str = "out"  # where ckpt.pt, metrics.jsonl and the plots are written
     init_from: str = "scratch"  # 'scratch', 'resume' (out_dir's ckpt.pt), a GPT-2 name ('gpt2', ...) or another stage's out_dir
-    max_iters: int = 1000  # optimizer steps in total
-    eval_interval: int = 100  # evaluate (and save a checkpoint) every this many steps
-    log_interval: int = 10  # print a progress line every this many steps
-    seed: int = 1337  # seeds every random choice: runs with the same seed on a CPU are identical
+    max_iters: int = field(1000, min=0)  # optimizer steps in total
+    eval_interval: int = field(100, min=1)  # evaluate (and save a checkpoint) every this many steps
+    log_interval: int = field(10, min=1)  # print a progress line every this many steps
+    seed: int = field(1337, min=0, max=10**9)  # seeds every random choice: runs with the same seed on a CPU are identical
     device: typing.Literal["auto", "cpu", "cuda"] = "auto"  # 'auto' picks cuda when there is one; or 'cuda:1'
     dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # 'auto': bf16 (or fp16) on a GPU; on a CPU bf16 where it computes it natively, else float32
     compile: bool = False  # torch.compile the model: faster on a GPU after a slow first step
@@ -85,6 +95,37 @@ def _check_type(cls, key, value, source):
     return value
 
 
+RANGE_WORDS = {"min": ("at least", lambda v, b: v >= b), "max": ("at most", lambda v, b: v <= b),
+               "above": ("above", lambda v, b: v > b), "below": ("below", lambda v, b: v < b)}
+
+
+def describe_range(bounds):
+    """'at least 0 and below 1' for {'min': 0, 'below': 1}."""
+    return " and ".join(f"{RANGE_WORDS[k][0]} {v}" for k, v in bounds.items())
+
+
+def declared_range(cls, key):
+    """The bounds declared with key (field(..., min=...)), where the class or a base class declares them: a stage
+    that only changes a shared key's default keeps its range."""
+    for klass in cls.__mro__:
+        if dataclasses.is_dataclass(klass):
+            f = {f.name: f for f in dataclasses.fields(klass)}.get(key)
+            if f is not None and f.metadata.get("range"):
+                return f.metadata["range"]
+    return {}
+
+
+def _check_range(cls, key, value, source):
+    """A UserError unless value lies in key's declared range; a float must be finite, a string not empty."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{source}: {key}={value!r} must be a finite number")
+    if value == "":
+        raise UserError(f"{source}: {key} is empty; give it a value")
+    bounds = declared_range(cls, key)
+    if not all(RANGE_WORDS[k][1](value, b) for k, b in bounds.items()):
+        raise UserError(f"{source}: {key}={value!r} must be {describe_range(bounds)}")
+
+
 def _unknown_key(cls, key, source):
     keys = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, keys, n=1)
@@ -101,32 +142,46 @@ def config_help(cls, script):
         meaning = comments.get(f.name, "")
         if choices:
             meaning += f" [{' | '.join(choices)}]"
+        if declared_range(cls, f.name):
+            meaning += f" [{describe_range(declared_range(cls, f.name))}]"
         lines.append(f"  --{f.name}={default}".ljust(40) + " " + meaning)
     return "\n".join(lines)
 
 
+def _run_config_file(path):
+    """The top-level names of a config file (plain Python); a file that does not run is a one-line error."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path!r} not found")
+    namespace = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            exec(compile(f.read(), path, "exec"), namespace)
+    except SyntaxError as e:
+        raise UserError(f"{path}:{e.lineno}: {e.msg}") from None
+    except Exception as e:  # a NameError, an import that fails...: the file's line that raised it
+        line = [t.lineno for t in traceback.extract_tb(e.__traceback__) if t.filename == path][-1:] or ["?"]
+        raise UserError(f"{path}:{line[0]}: {type(e).__name__}: {e}") from None
+    return namespace
+
+
 def load_config(cls, argv=None):
-    """Defaults from cls, then each config file named in argv, then each --key=value, in order."""
+    """Defaults from cls, then each config file named in argv, then each --key=value, in order. Every value is
+    checked against its key's type and declared range."""
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(config_help(cls, os.path.basename(sys.argv[0])))
         raise SystemExit(0)
-    values = {}
+    values, sources = {}, {}
     keys = {f.name for f in dataclasses.fields(cls)}
     for arg in argv:
         if not arg.startswith("--"):
             # a config file: plain Python whose top-level names are config keys
-            if not os.path.isfile(arg):
-                raise UserError(f"config file {arg!r} not found")
-            namespace = {}
-            with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), namespace)
-            for key, value in namespace.items():
+            for key, value in _run_config_file(arg).items():
                 if key.startswith("_") or inspect.ismodule(value) or callable(value):
                     continue
                 if key not in keys:
                     raise _unknown_key(cls, key, arg)
-                values[key] = _check_type(cls, key, value, arg)
+                values[key], sources[key] = _check_type(cls, key, value, arg), arg
         else:
             key, eq, text = arg[2:].partition("=")
             if not eq:
@@ -139,8 +194,11 @@ def load_config(cls, argv=None):
                 value = text  # an unquoted string, e.g. --out_dir=out/run2
             if {f.name: f.type for f in dataclasses.fields(cls)}[key] is str and not isinstance(value, str):
                 value = text  # a string key takes the text as written, e.g. --start=123
-            values[key] = _check_type(cls, key, value, "command line")
-    return cls(**values)
+            values[key], sources[key] = _check_type(cls, key, value, "command line"), "command line"
+    cfg = cls(**values)
+    for f in dataclasses.fields(cls):
+        _check_range(cls, f.name, getattr(cfg, f.name), sources.get(f.name, "default"))
+    return cfg
 
 
 def print_config(cfg):
@@ -247,13 +305,15 @@ def setup_runtime(cfg):
     return Runtime(device, device_type, dtype, autocast, ddp, rank, local_rank, world_size)
 
 
-def start_single_process(config_class, argv, script):
-    """The start of a one-process stage: its config (files, then --key=value), the device, the config printed,
-    every RNG seeded. Returns (cfg, runtime)."""
+def start_single_process(config_class, argv, script, stage=None):
+    """The start of a one-process stage: its config (files, then --key=value), the device, a writable out_dir
+    (make_out_dir: stage is the name this stage's checkpoints carry), the config printed, every RNG seeded.
+    Returns (cfg, runtime)."""
     cfg = load_config(config_class, argv)
     rt = setup_runtime(cfg)
     if rt.ddp:
         raise UserError(f"{script} runs in one process; start it with python, not torchrun")
+    make_out_dir(cfg.out_dir, cfg.init_from, stage)
     print_config(cfg)
     seed_everything(cfg.seed)
     return cfg, rt
@@ -266,13 +326,46 @@ def grad_scaler(runtime):
 
 def optimizer_step(optimizer, scaler, parameters, grad_clip):
     """Unscale (fp16) gradients, clip their global norm, step (the scaler skips a step with inf/nan gradients),
-    and clear the gradients for the next step."""
+    and clear the gradients for the next step. Returns the gradient norm before clipping, for NonFiniteGuard."""
     if grad_clip > 0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+class NonFiniteGuard:
+    """Stops a run at the first step whose loss or gradient norm is nan or inf, with an error naming that step,
+    before weights it reached are evaluated or saved (save_checkpoint refuses them too).
+
+    record() keeps the first bad step on the device, so the GPU is not waited for at every step; check() reads
+    it back, and the loops call it at every log line and before every evaluation and checkpoint. With float16
+    an infinite gradient now and then is expected: the loss scaler skips that step and lowers its scale, so
+    there only the loss is watched."""
+
+    def __init__(self, learning_rate, scaler=None, device="cpu"):
+        self.learning_rate = learning_rate
+        self.float16 = scaler is not None and scaler.is_enabled()
+        self.first_bad_step = torch.tensor(-1, device=device)  # -1 while every step was finite
+
+    def record(self, step, loss, grad_norm=None):
+        bad = ~torch.isfinite(loss.detach()).all()
+        if grad_norm is not None and not self.float16:
+            bad = bad | ~torch.isfinite(grad_norm)
+        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
+
+    def check(self):
+        step = int(self.first_bad_step)
+        if step >= 0:
+            cause = f"learning_rate={self.learning_rate:g} is most likely too high for this model: lower it"
+            if self.float16:
+                cause += ", or use dtype='bfloat16' or 'float32' (float16 overflows above 65504)"
+            raise UserError(f"the loss or its gradient became nan or inf at step {step}; {cause}. Nothing after "
+                            f"the last checkpoint was saved")
 
 
 def seed_everything(seed):
@@ -335,7 +428,13 @@ class StopRequest:
 # checkpoints
 
 def save_checkpoint(path, checkpoint):
-    """Write atomically (write_atomic): a crash or kill at any moment leaves the old checkpoint or the new one."""
+    """Write atomically (write_atomic): a crash or kill at any moment leaves the old checkpoint or the new one.
+    Weights that are nan or inf are never written over it."""
+    for part in ("model", "critic"):
+        bad = [k for k, v in (checkpoint.get(part) or {}).items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise UserError(f"not saving {path}: the {part}'s weights {', '.join(bad[:3])} are nan or inf (the "
+                            f"training diverged; lower learning_rate); the checkpoint there is left as it was")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_atomic(path, lambda f: torch.save(checkpoint, f))
 
@@ -348,21 +447,24 @@ def load_checkpoint(path, hint=None):
         raise UserError(f"no checkpoint at {path}" + (f"; {hint}" if hint else ""))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, wrong format, pickled code...
-        raise UserError(f"{path} is not a readable checkpoint (corrupt or truncated?): "
-                        f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # empty, truncated zip, wrong format, pickled code...
+        detail = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"{path} is not a readable checkpoint (corrupt, truncated or empty?): "
+                        f"{type(e).__name__}" + (f": {detail}" if detail else "")) from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} is not a checkpoint of this project (it holds a {type(ckpt).__name__})")
     missing = [k for k in ("model_args", "model", "tokenizer") if k not in ckpt]
     if missing:
         raise UserError(f"{path} is not a checkpoint of this project (missing {', '.join(missing)})")
     return ckpt
 
 
-def resume_checkpoint(out_dir, stage, what):
+def resume_checkpoint(out_dir, stage, what, start="init_from=<an SFT out_dir>"):
     """out_dir/ckpt.pt of an earlier run of this stage, for init_from='resume'; returns (path, checkpoint).
-    A checkpoint another stage wrote there is an error that says so: what names this stage's runs ('DPO run')."""
+    A checkpoint another stage wrote there is an error that says so: what names this stage's runs ('DPO run');
+    start says how such a run starts."""
     path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(path, hint="init_from='resume' continues a run in out_dir; start one with "
-                                      "init_from=<an SFT out_dir> first")
+    ckpt = load_checkpoint(path, hint=f"init_from='resume' continues a run in out_dir; start one with {start} first")
     if ckpt.get("stage") != stage:
         raise UserError(f"{path} is a {ckpt.get('stage')!r} checkpoint, not a {what}'s; use another out_dir")
     return path, ckpt
@@ -402,6 +504,14 @@ def model_from_checkpoint(ckpt, path="checkpoint", dropout=None, scalar_head=Non
     return model
 
 
+def gpt2_weights(name_or_dir, **kwargs):
+    """GPT.from_pretrained, with a download that fails or a directory that is not GPT-2's as a one-line error."""
+    try:
+        return GPT.from_pretrained(name_or_dir, **kwargs)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load GPT-2 weights from {name_or_dir!r}: {e}") from None
+
+
 def check_model_args(ckpt_args, wanted, path):
     """Resuming with a config that describes another model is an error, not a silent override."""
     for key, value in wanted.items():
@@ -427,23 +537,26 @@ def set_rng_state(state, data_generator=None):
         data_generator.set_state(state["data"])
 
 
-def init_model(init_from, out_dir, model_args, tokenizer_name, stage_hint):
+def init_model(init_from, out_dir, model_args, tokenizer_name, stage_hint, stage=None, what=None,
+               start="init_from='scratch'"):
     """The model a stage starts from. Returns (model, checkpoint or None, tokenizer name).
 
     init_from: 'scratch', a new GPT from model_args; 'resume', out_dir/ckpt.pt with its optimizer and RNG
-    state; a GPT-2 name or a local Hugging Face directory, GPT-2 weights; another stage's out_dir, its weights.
+    state, which must be a checkpoint of this stage (stage, what and start as for resume_checkpoint); a GPT-2
+    name or a local Hugging Face directory, GPT-2 weights; another stage's out_dir, its weights.
     """
     src = init_from
     if src == "scratch":
+        if model_args["n_embd"] % model_args["n_head"]:
+            raise UserError(f"n_embd={model_args['n_embd']} must be a multiple of n_head={model_args['n_head']}: "
+                            f"each head gets n_embd / n_head dimensions")
         return GPT(GPTConfig(**model_args)), None, tokenizer_name
     if src == "resume":
-        path = os.path.join(out_dir, "ckpt.pt")
-        ckpt = load_checkpoint(path, hint="init_from='resume' continues a run in out_dir; start one with "
-                                          "init_from='scratch' first")
+        path, ckpt = resume_checkpoint(out_dir, stage, what, start)
         check_model_args(ckpt["model_args"], {k: v for k, v in model_args.items() if k != "block_size"}, path)
         return model_from_checkpoint(ckpt, path, dropout=model_args.get("dropout")), ckpt, ckpt["tokenizer"]
     if os.path.isfile(os.path.join(src, "config.json")) or (src.startswith("gpt2") and not os.path.isdir(src)):
-        model = GPT.from_pretrained(src, dropout=model_args.get("dropout", 0.0))
+        model = gpt2_weights(src, dropout=model_args.get("dropout", 0.0))
         if model_args.get("block_size", model.config.block_size) < model.config.block_size:
             model.crop_block_size(model_args["block_size"])
         return model, None, "gpt2"
@@ -475,21 +588,44 @@ def read_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
         raise UserError(f"{path} not found; {prepare_hint(data_dir)}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, OSError) as e:  # not JSON, not UTF-8, not a file
+        raise UserError(f"{path} is not readable JSON ({e}); make the dataset again: "
+                        f"{prepare_hint(data_dir)}") from None
+    missing = [k for k in ("tokenizer", "n_vocab") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; make the dataset again: {prepare_hint(data_dir)}")
+    spec = meta["tokenizer"]
+    if not (spec in TOKENIZERS or isinstance(spec, dict) and spec.get("kind") == "bpe" and "tokens" in spec):
+        raise UserError(f"{path} names an unknown tokenizer {spec!r}; make the dataset again: "
+                        f"{prepare_hint(data_dir)}")
+    return meta
 
 
 class TokenBatches:
     """Random windows of block_size + 1 tokens from train.bin or val.bin: x is the window, y the window
-    shifted by one (the next token at every position)."""
+    shifted by one (the next token at every position). tokenizer: the one the data must have been made with."""
 
-    def __init__(self, data_dir, split, block_size, batch_size, device):
+    def __init__(self, data_dir, split, block_size, batch_size, device, tokenizer=None):
         self.path = os.path.join(data_dir, f"{split}.bin")
         if not os.path.exists(self.path):
             raise UserError(f"{self.path} not found; {prepare_hint(data_dir)}")
+        meta = read_meta(data_dir)
+        if tokenizer is not None and meta["tokenizer"] != tokenizer:
+            raise UserError(f"{data_dir} was made with the tokenizer {meta['tokenizer']!r}, not the model's "
+                            f"{tokenizer!r}; use data made with the model's tokenizer")
+        if os.path.getsize(self.path) % 2:
+            raise UserError(f"{self.path} has an odd number of bytes, so it is not uint16 token ids; make the "
+                            f"dataset again: {prepare_hint(data_dir)}")
         self.n_tokens = os.path.getsize(self.path) // 2
         if self.n_tokens <= block_size + 1:
             raise UserError(f"{self.path} has {self.n_tokens} tokens, fewer than one block of {block_size + 1}")
+        largest = int(np.memmap(self.path, dtype=np.uint16, mode="r")[:10_000_000].max())  # a quick look
+        if largest >= meta["n_vocab"]:
+            raise UserError(f"{self.path} holds token id {largest}, but meta.json's tokenizer has {meta['n_vocab']} "
+                            f"tokens; make the dataset again: {prepare_hint(data_dir)}")
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
 
     def get(self, generator):
@@ -509,7 +645,8 @@ class TokenBatches:
 
 class Metrics:
     """One JSON object per line in out_dir/metrics.jsonl. On resume from step N the records of steps after N
-    are dropped: the checkpoint knows nothing of them, and the resumed run writes them again."""
+    are dropped: the checkpoint knows nothing of them, and the resumed run writes them again. The file is
+    rewritten atomically, so a kill meanwhile leaves every record it had."""
 
     def __init__(self, out_dir, resume_iter=None, enabled=True):
         self.path = os.path.join(out_dir, "metrics.jsonl")
@@ -520,9 +657,7 @@ class Metrics:
         kept = []
         if resume_iter is not None and os.path.exists(self.path):
             kept = [r for r in read_jsonl_records(self.path) if r.get("iter", 0) <= resume_iter]
-        with open(self.path, "w") as f:
-            for r in kept:
-                f.write(json.dumps(r) + "\n")
+        write_jsonl(self.path, kept)
 
     def log(self, **record):
         if self.enabled:
@@ -531,8 +666,19 @@ class Metrics:
 
 
 def read_jsonl_records(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics file. A last line cut short (a run killed while appending it) is left out."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n < len(lines):  # a complete line (a newline follows it) that is not JSON: the file is damaged
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return records
 
 
 def plot_curves(path, panels, title, xlabels=None, vlines=None):
@@ -559,8 +705,14 @@ def plot_curves(path, panels, title, xlabels=None, vlines=None):
 
 def write_atomic(path, write):
     """Write through a temp file in the same directory, flushed to disk, then renamed over the old one: a crash or
-    kill at any moment leaves the old file or the new one, never half of one. write(f) fills a binary file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
+    kill at any moment leaves the old file or the new one, never half of one (a kill leaves the temp file too,
+    which make_out_dir removes at the next start). write(f) fills a binary file. A file system that refuses
+    (read-only, full) is a UserError; the old file is left as it was."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".",
+                                   suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -568,9 +720,53 @@ def write_atomic(path, write):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
         raise
+
+
+def checkpoint_stage(path):
+    """The stage that wrote a checkpoint, read without loading its tensors (None if it cannot be read)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("stage")
+    except Exception:  # corrupt or not ours: nothing worth keeping from another stage
+        return None
+
+
+def is_temp_file(name):
+    """Whether a file name is one of write_atomic's temp files: '<name>.<8 random characters>.tmp'."""
+    return re.fullmatch(r".+\.[a-z0-9_]{8}\.tmp", name) is not None
+
+
+def make_out_dir(out_dir, init_from=None, stage=None):
+    """Create out_dir if needed and check that files can be written there, before any work is done; remove the
+    temp files of writes a kill cut short (a checkpoint or metrics file they were to replace is intact).
+    A new run may not write over the checkpoint it starts from (init_from) or another stage's checkpoint."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"out_dir {out_dir!r} is a file, not a directory; choose another out_dir")
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if stage is not None and init_from != "resume" and os.path.isfile(ckpt_path):
+        if os.path.exists(init_from) and os.path.samefile(init_from, out_dir):
+            raise UserError(f"out_dir and init_from are both {out_dir!r}: the run would write over the checkpoint it "
+                            f"starts from; choose another out_dir (or init_from='resume' to continue it)")
+        found = checkpoint_stage(ckpt_path)
+        if found not in (None, stage):
+            raise UserError(f"{ckpt_path} is a {found!r} checkpoint that this {stage!r} run would write over; "
+                            f"choose another out_dir")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write_probe.", suffix=".tmp")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir {out_dir!r}: {e.strerror}; choose another out_dir") from None
+    stale = [name for name in os.listdir(out_dir) if is_temp_file(name)]
+    for name in stale:
+        os.remove(os.path.join(out_dir, name))
+    if stale:
+        print(f"removed {len(stale)} temp file(s) an interrupted write left in {out_dir}: {', '.join(stale)}")
 
 
 def write_jsonl(path, rows):
@@ -613,11 +809,15 @@ def format_duration(seconds):
 
 def read_jsonl(path):
     """[(line number, object)] from a JSON-lines file; a bad line is an error naming file:line."""
-    if not os.path.exists(path):
-        raise UserError(f"{path} not found")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found" if not os.path.exists(path) else f"{path} is not a file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # -sig: a byte-order mark some editors add
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x}); save it as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -698,8 +898,10 @@ def read_preference_pairs(path):
             chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
             if not chosen.strip() or not rejected.strip():
                 raise UserError(f"{where}: empty response after the prompt")
-        kind = obj.get("kind", "all")
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": str(kind)})
+        kind = str(obj.get("kind", "unlabelled"))  # HH-RLHF's pairs have no kind
+        if kind == "all":
+            raise UserError(f"{where}: kind 'all' names the overall results; call this kind something else")
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": kind})
     return pairs
 
 

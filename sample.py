@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (RunConfig, UserError, format_prompt, init_model, load_checkpoint, load_config, print_config,
+from common import (RunConfig, UserError, field, format_prompt, init_model, load_checkpoint, load_config, print_config,
                     setup_runtime)
 from tokenizer import get_tokenizer
 
@@ -22,13 +22,13 @@ class Config(RunConfig):
     out_dir: str = "out/lm_small"  # the run to sample from (its ckpt.pt), unless init_from names GPT-2 weights
     init_from: str = "resume"  # 'resume' samples from out_dir; a GPT-2 name or Hugging Face directory loads those
     start: str = "\n"  # the prompt; FILE:path reads it from a file
-    num_samples: int = 3  # samples to draw, one after another
-    max_new_tokens: int = 200  # tokens to add at most (fewer if the context fills up or end-of-text comes)
-    temperature: float = 0.8  # < 1 sharpens the distribution, > 1 flattens it
-    top_k: int = 0  # sample from the k most likely tokens only; 0 keeps all
-    top_p: float = 1.0  # nucleus sampling: the smallest set of tokens holding this much probability
+    num_samples: int = field(3, min=1)  # samples to draw, one after another
+    max_new_tokens: int = field(200, min=1)  # tokens to add at most (fewer if the context fills or end-of-text comes)
+    temperature: float = field(0.8, min=0)  # < 1 sharpens the distribution, > 1 flattens it
+    top_k: int = field(0, min=0)  # sample from the k most likely tokens only; 0 keeps all
+    top_p: float = field(1.0, above=0, max=1)  # nucleus sampling: the fewest tokens holding this much probability
     greedy: bool = False  # always take the most likely token (deterministic)
-    num_beams: int = 1  # beam search with this many beams (deterministic); 1 is off
+    num_beams: int = field(1, min=1)  # beam search with this many beams (deterministic); 1 is off
     crop_prompt: bool = False  # keep only the end of a prompt longer than the context instead of stopping
     stop_at_eot: bool = True  # end a sample at the end-of-text token
     chat: bool = False  # a loop: each typed line is a prompt (in the checkpoint's template); prints the response

@@ -40,9 +40,9 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from common import (before_after_table, cosine_lr, format_duration, grad_scaler, load_checkpoint, Metrics,
-                    model_from_checkpoint, optimizer_step, plot_curves, read_jsonl_records, read_preference_pairs,
-                    resume_checkpoint, rng_state, RunConfig, save_checkpoint, set_rng_state,
+from common import (before_after_table, cosine_lr, field, format_duration, grad_scaler, load_checkpoint, Metrics,
+                    model_from_checkpoint, NonFiniteGuard, optimizer_step, plot_curves, read_jsonl_records,
+                    read_preference_pairs, resume_checkpoint, rng_state, RunConfig, save_checkpoint, set_rng_state,
                     start_single_process, StopRequest, UserError, write_before_after)
 from tasks import pycode as task
 from tokenizer import get_tokenizer
@@ -59,24 +59,24 @@ class Config(RunConfig):
     train_file: str = "data/pycode/pref_train.jsonl"  # pairs: ours {"prompt","chosen","rejected","kind"} or HH-RLHF
     val_file: str = "data/pycode/pref_val.jsonl"  # held-out pairs: loss, implicit accuracy, margin, drift per kind
     eval_prompts: str = "data/pycode/prompts_eval.jsonl"  # held-out prompts for the task's measures
-    eval_max_prompts: int = 0  # complete this many of the eval prompts; 0 means all of them
-    eval_samples: int = 8  # sampled completions per held-out prompt at each evaluation: pass@k and the KL to SFT
+    eval_max_prompts: int = field(0, min=0)  # complete this many of the eval prompts; 0 means all of them
+    eval_samples: int = field(8, min=0)  # sampled completions per held-out prompt per evaluation: pass@k, KL to SFT
     template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
-    beta: float = 0.1  # DPO's beta, the weight of the implicit KL to the reference: smaller lets the policy move more
-    dpop_lambda: float = 0.0  # DPO-Positive: penalise a chosen response for falling below the reference; 0 is off
-    max_new_tokens: int = 96  # completion length in evaluation: the same as train_ppo.py, so the numbers compare
-    batch_size: int = 16  # pairs per step: chosen and rejected go through the model together, 2 x batch_size rows
-    eval_batch_size: int = 32  # pairs per forward pass in evaluation and for the reference log-probs
-    learning_rate: float = 5e-5  # peak learning rate: small, the policy should stay near the SFT model
-    min_lr: float = 5e-6  # the cosine schedule ends here
-    warmup_iters: int = 10  # linear warm-up steps
-    lr_decay_iters: int = 0  # the cosine reaches min_lr here; 0 means max_iters
-    weight_decay: float = 0.0  # AdamW decay; 0: decay pulls weights towards zero, not towards the reference
-    beta1: float = 0.9  # AdamW
-    beta2: float = 0.99  # AdamW
-    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
-    dropout: float = 0.0  # dropout in the policy while training (never in the reference)
-    eval_samples_shown: int = 3  # sample completions before and after written to the report
+    beta: float = field(0.1, above=0)  # the weight of the implicit KL to the reference: smaller lets the policy move more
+    dpop_lambda: float = field(0.0, min=0)  # DPO-Positive: penalise a chosen response falling below the reference; 0: off
+    max_new_tokens: int = field(96, min=1)  # completion length in evaluation: as in train_ppo.py, so the numbers compare
+    batch_size: int = field(16, min=1)  # pairs per step: chosen and rejected go through the model together
+    eval_batch_size: int = field(32, min=1)  # pairs per forward pass in evaluation and for the reference log-probs
+    learning_rate: float = field(5e-5, min=0)  # peak learning rate: small, the policy should stay near the SFT model
+    min_lr: float = field(5e-6, min=0)  # the cosine schedule ends here
+    warmup_iters: int = field(10, min=0)  # linear warm-up steps
+    lr_decay_iters: int = field(0, min=0)  # the cosine reaches min_lr here; 0 means max_iters
+    weight_decay: float = field(0.0, min=0)  # AdamW decay; 0: decay pulls towards zero, not towards the reference
+    beta1: float = field(0.9, min=0, below=1)  # AdamW
+    beta2: float = field(0.99, min=0, below=1)  # AdamW
+    grad_clip: float = field(1.0, min=0)  # clip the global gradient norm to this; 0 turns clipping off
+    dropout: float = field(0.0, min=0, below=1)  # dropout in the policy while training (never in the reference)
+    eval_samples_shown: int = field(3, min=0)  # sample completions before and after written to the report
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def plot(cfg, path):
 # --------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg, rt = start_single_process(Config, argv, "train_dpo.py")
+    cfg, rt = start_single_process(Config, argv, "train_dpo.py", stage="dpo")
 
     # ---- the two models, both the SFT model at the start: the policy (trained) and the reference (frozen)
     ckpt, sft_source = None, cfg.init_from
@@ -249,7 +249,7 @@ def main(argv=None):
         if ckpt["template"] != cfg.template:
             raise UserError(f"{path} was trained with template={ckpt['template']!r}, not {cfg.template!r}; resume "
                             f"with the same template or use a new out_dir")
-        sft_source = ckpt["config"]["init_from"]
+        sft_source = ckpt.get("sft_source", ckpt["config"]["init_from"])  # where the run began, resumed or not
     sft_ckpt = load_checkpoint(sft_source, hint="make it with `python train_sft.py config/sft_small.py`")
     policy = model_from_checkpoint(ckpt or sft_ckpt, cfg.out_dir if ckpt else sft_source, dropout=cfg.dropout,
                                    scalar_head=False)
@@ -311,6 +311,7 @@ def main(argv=None):
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     interval = {"loss": 0.0, "dpo_loss": 0.0, "accuracy": 0.0, "margin": 0.0, "drift": 0.0}
     interval_iters, interval_time = 0, 0.0
+    guard = NonFiniteGuard(cfg.learning_rate, scaler, rt.device)
     t_start = time.time()
     with StopRequest() as stop:
         while True:
@@ -321,6 +322,7 @@ def main(argv=None):
             # evaluate and checkpoint: at the start (the SFT model), every eval_interval steps and at the end
             at_end = iter_num >= cfg.max_iters or stop.requested
             if (iter_num % cfg.eval_interval == 0 or at_end) and iter_num != resumed_at:
+                guard.check()  # a step that went nan or inf stops the run here, before evaluating or saving
                 t0 = time.time()
                 last, completions = evaluate(raw_policy, ref, val, ref_val, val_batches, eval_set, tok, cfg, rt)
                 last_completions = completions[:cfg.eval_samples_shown]
@@ -332,7 +334,7 @@ def main(argv=None):
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
                     "config": asdict(cfg), "rng": rng_state(), "tokenizer": tok.spec, "template": cfg.template,
                     "before": before, "eval": last, "completions": last_completions, "ref_train": ref_train,
-                    "train_pairs": train_pairs})
+                    "train_pairs": train_pairs, "sft_source": sft_source})
             if at_end:
                 break
 
@@ -343,7 +345,8 @@ def main(argv=None):
             ref_logp = ref_train[index].to(rt.device)  # looked up: computed once, before the loop
             loss = dpo_loss(logp[:, 0], logp[:, 1], ref_logp[:, 0], ref_logp[:, 1], cfg.beta, cfg.dpop_lambda)
             scaler.scale(loss).backward()
-            optimizer_step(optimizer, scaler, policy.parameters(), cfg.grad_clip)
+            grad_norm = optimizer_step(optimizer, scaler, policy.parameters(), cfg.grad_clip)
+            guard.record(iter_num + 1, loss, grad_norm)
             stats = pair_stats(logp, ref_logp, cfg.beta, [train["kinds"][i] for i in index], cfg.dpop_lambda)
             for key in interval:
                 interval[key] += stats[key]
@@ -352,6 +355,7 @@ def main(argv=None):
             iter_num += 1
 
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+                guard.check()
                 record = {f"train_{k}": v / interval_iters for k, v in interval.items()}
                 dt = interval_time / interval_iters
                 print(f"iter {iter_num}/{cfg.max_iters}: loss {record['train_loss']:.4f}, implicit accuracy "

@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (optimizer_step, Metrics, dataset_dir, RunConfig, StopRequest, TokenBatches, UserError,
-                    cosine_lr, format_duration, grad_scaler, init_model, load_config, measure_matmul_flops,
-                    plot_curves, print_config, read_jsonl_records, read_meta, rng_state, save_checkpoint,
-                    seed_everything, set_rng_state, setup_runtime)
+from common import (optimizer_step, Metrics, dataset_dir, field, NonFiniteGuard, RunConfig, StopRequest, TokenBatches,
+                    UserError, cosine_lr, format_duration, grad_scaler, init_model, load_config, make_out_dir,
+                    measure_matmul_flops, plot_curves, print_config, read_jsonl_records, read_meta, rng_state,
+                    save_checkpoint, seed_everything, set_rng_state, setup_runtime)
 from tokenizer import get_tokenizer, tokenizer_name
 
 
@@ -36,27 +36,27 @@ class Config(RunConfig):
     out_dir: str = "out/lm"  # where ckpt.pt, metrics.jsonl and loss.png are written
     max_iters: int = 5000  # optimizer steps in total
     eval_interval: int = 250  # evaluate and save a checkpoint every this many steps
-    eval_iters: int = 20  # batches per split in each evaluation
+    eval_iters: int = field(20, min=1)  # batches per split in each evaluation
     dataset: str = "pycode"  # a folder under data/ (or any path) with train.bin, val.bin and meta.json
     # model (ignored when the weights come from GPT-2 or another out_dir, except block_size, which may crop)
-    n_layer: int = 6  # Transformer blocks
-    n_head: int = 6  # attention heads per block
-    n_embd: int = 384  # width of the residual stream
-    block_size: int = 256  # context length in tokens
-    dropout: float = 0.0  # 0 for pretraining; try 0.1 when fine-tuning on little data
+    n_layer: int = field(6, min=1)  # Transformer blocks
+    n_head: int = field(6, min=1)  # attention heads per block
+    n_embd: int = field(384, min=1)  # width of the residual stream
+    block_size: int = field(256, min=1)  # context length in tokens
+    dropout: float = field(0.0, min=0, below=1)  # 0 for pretraining; try 0.1 when fine-tuning on little data
     bias: bool = True  # biases in Linear layers and LayerNorms, as in GPT-2
     # optimisation
-    batch_size: int = 12  # sequences per micro-step (per process)
-    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step, summed over all processes
-    learning_rate: float = 1e-3  # peak learning rate, after warm-up
-    min_lr: float = 1e-4  # the cosine schedule ends here (about learning_rate / 10)
-    warmup_iters: int = 100  # linear warm-up steps: Adam's early steps are noisy while its moments settle
-    lr_decay_iters: int = 0  # the cosine reaches min_lr here; 0 means max_iters
-    weight_decay: float = 0.1  # AdamW decay, applied to matrices only
-    beta1: float = 0.9  # AdamW
-    beta2: float = 0.99  # AdamW: 0.99 rather than 0.999, as usual for small batches of tokens
-    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
-    peak_tflops: float = 0.0  # the hardware peak for MFU in TFLOP/s; 0 measures matmuls in the run's dtype here
+    batch_size: int = field(12, min=1)  # sequences per micro-step (per process)
+    gradient_accumulation_steps: int = field(1, min=1)  # micro-steps per optimizer step, summed over all processes
+    learning_rate: float = field(1e-3, min=0)  # peak learning rate, after warm-up
+    min_lr: float = field(1e-4, min=0)  # the cosine schedule ends here (about learning_rate / 10)
+    warmup_iters: int = field(100, min=0)  # linear warm-up steps: Adam's early steps are noisy while its moments settle
+    lr_decay_iters: int = field(0, min=0)  # the cosine reaches min_lr here; 0 means max_iters
+    weight_decay: float = field(0.1, min=0)  # AdamW decay, applied to matrices only
+    beta1: float = field(0.9, min=0, below=1)  # AdamW
+    beta2: float = field(0.99, min=0, below=1)  # AdamW: 0.99 rather than 0.999, as usual for small batches of tokens
+    grad_clip: float = field(1.0, min=0)  # clip the global gradient norm to this; 0 turns clipping off
+    peak_tflops: float = field(0.0, min=0)  # the hardware peak for MFU in TFLOP/s; 0 measures matmuls here, in the run's dtype
     sample_at_end: bool = True  # print a short sample from the trained model
 
 
@@ -92,6 +92,7 @@ def main(argv=None):
     cfg = load_config(Config, argv)
     rt = setup_runtime(cfg)
     if rt.is_master:
+        make_out_dir(cfg.out_dir, cfg.init_from, stage="lm")
         print_config(cfg)
     seed_everything(cfg.seed + rt.rank)
     if cfg.gradient_accumulation_steps % rt.world_size:
@@ -110,7 +111,7 @@ def main(argv=None):
     model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                       vocab_size=meta["n_vocab"], dropout=cfg.dropout, bias=cfg.bias)
     model, ckpt, tokenizer_spec = init_model(cfg.init_from, cfg.out_dir, model_args, meta["tokenizer"],
-                                             stage_hint="make one with train_lm.py")
+                                             stage_hint="make one with train_lm.py", stage="lm", what="pretraining run")
     if tokenizer_spec != meta["tokenizer"]:
         raise UserError(f"the model uses the {tokenizer_name(tokenizer_spec)!r} tokenizer but data/{cfg.dataset} was "
                         f"prepared with {tokenizer_name(meta['tokenizer'])!r}; pretrain on the data it was made with")
@@ -150,6 +151,7 @@ def main(argv=None):
     eval_batches = {"train": train_data, "val": val_data}
     last = {"val": ckpt["val_loss"]} if ckpt else {}
     loss_sum, interval_iters, interval_time = torch.zeros((), device=rt.device), 0, 0.0
+    guard = NonFiniteGuard(cfg.learning_rate, scaler, rt.device)
     t_start = time.time()
     with StopRequest() as stop:
         while True:
@@ -160,6 +162,7 @@ def main(argv=None):
             # evaluate and checkpoint; the checkpoint holds everything needed to continue from this very step
             at_end = iter_num >= cfg.max_iters or stop.requested
             if rt.is_master and (iter_num % cfg.eval_interval == 0 or at_end) and iter_num != resumed_at:
+                guard.check()  # a step that went nan or inf stops the run here, before evaluating or saving
                 last = evaluate(model, eval_batches, cfg.eval_iters, rt.autocast, cfg.seed)
                 print(f"step {iter_num}: train loss {last['train']:.4f}, val loss {last['val']:.4f}")
                 metrics.log(iter=iter_num, eval_train_loss=last["train"], val_loss=last["val"])
@@ -183,7 +186,8 @@ def main(argv=None):
                     loss = loss / accum  # the mean over all micro-steps, not their sum
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
-            optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
+            grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
+            guard.record(iter_num + 1, loss, grad_norm)
             if rt.device_type == "cuda" and (iter_num + 1) % cfg.log_interval == 0:
                 torch.cuda.synchronize()  # honest timings
             interval_time += time.time() - t0
@@ -191,6 +195,7 @@ def main(argv=None):
             iter_num += 1
 
             if rt.is_master and (iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters):
+                guard.check()
                 train_loss = loss_sum.item() / interval_iters
                 dt = interval_time / interval_iters
                 tok_s = tokens_per_iter / dt

@@ -25,10 +25,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common import (batch_rows, before_after_table, dataset_dir, format_duration, load_checkpoint, Metrics,
-                    model_from_checkpoint, pad_left, plot_curves, read_jsonl_records, read_prompts, resume_checkpoint,
-                    rng_state, RunConfig, save_checkpoint, set_rng_state, start_single_process, StopRequest,
-                    TokenBatches, UserError, write_before_after)
+from common import (batch_rows, before_after_table, dataset_dir, field, format_duration, load_checkpoint, Metrics,
+                    model_from_checkpoint, NonFiniteGuard, pad_left, plot_curves, read_jsonl_records, read_prompts,
+                    resume_checkpoint, rng_state, RunConfig, save_checkpoint, set_rng_state, start_single_process,
+                    StopRequest, TokenBatches, UserError, write_before_after)
 from tasks import pycode as task
 from tokenizer import get_tokenizer, tokenizer_name
 from train_rm import reward_at_last_token  # the score, read at the last real token, exactly as the RM was trained
@@ -42,43 +42,43 @@ class Config(RunConfig):
     reward: Literal["model", "task"] = "model"  # 'task': the task's judge, 1 if a response solves its prompt, else 0
     prompts_file: str = "data/pycode/prompts_train.jsonl"  # rollout prompts {"prompt": ...}
     eval_prompts: str = "data/pycode/prompts_eval.jsonl"  # held-out prompts for the before/after evaluation
-    eval_max_prompts: int = 0  # evaluate on this many held-out prompts; 0 means all of them
-    eval_samples: int = 8  # sampled completions per held-out prompt at each evaluation: pass@k and the KL to SFT
+    eval_max_prompts: int = field(0, min=0)  # evaluate on this many held-out prompts; 0 means all of them
+    eval_samples: int = field(8, min=0)  # sampled completions per held-out prompt per evaluation: pass@k, KL to SFT
     template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
     max_iters: int = 100  # PPO iterations (rollout + update)
     eval_interval: int = 25  # evaluate and save a checkpoint every this many iterations
     log_interval: int = 1  # print a line every this many iterations
     # rollout
-    batch_size: int = 32  # prompts per rollout
-    max_new_tokens: int = 96  # response length limit; prompts longer than the context minus this are dropped
-    temperature: float = 1.0  # sampling temperature of rollouts; log-probs use the same one
+    batch_size: int = field(32, min=1)  # prompts per rollout
+    max_new_tokens: int = field(96, min=1)  # response length limit; prompts leaving less room than this are dropped
+    temperature: float = field(1.0, above=0)  # sampling temperature of rollouts; log-probs use the same one
     # reward
     score_norm: bool = True  # standardise RM scores with the mean/std train_rm.py saved
-    score_clip: float = 5.0  # clip (normalised) scores to +-this; 0 turns it off
+    score_clip: float = field(5.0, min=0)  # clip (normalised) scores to +-this; 0 turns it off
     missing_eot_penalty: float = -1.0  # added to the score of a response that never emits end-of-text
-    kl_coef: float = 0.05  # beta, the weight of the per-token KL penalty
+    kl_coef: float = field(0.05, min=0)  # beta, the weight of the per-token KL penalty
     adaptive_kl: bool = False  # adapt beta towards target_kl (Ziegler et al. 2019)
-    target_kl: float = 3.0  # nats per response, the adaptive controller's target
-    kl_horizon: int = 10000  # the adaptive controller's horizon in samples
+    target_kl: float = field(3.0, above=0)  # nats per response, the adaptive controller's target
+    kl_horizon: int = field(10000, min=1)  # the adaptive controller's horizon in samples
     # advantages
-    gamma: float = 1.0  # discount; 1 is usual for short responses with one final reward
-    lam: float = 0.95  # GAE lambda: lower trades variance for bias
+    gamma: float = field(1.0, min=0, max=1)  # discount; 1 is usual for short responses with one final reward
+    lam: float = field(0.95, min=0, max=1)  # GAE lambda: lower trades variance for bias
     # update
     critic: Literal["shared", "separate"] = "shared"  # value head on the policy's backbone, or a model from the RM
-    ppo_epochs: int = 4  # passes over each rollout
-    minibatch_size: int = 16  # rollouts per gradient step
-    learning_rate: float = 1e-4  # Adam step size for policy and critic
-    weight_decay: float = 0.0  # AdamW decay on matrices
-    clip_range: float = 0.2  # epsilon of the clipped policy objective
-    clip_range_value: float = 0.2  # the value function's clip around its old predictions
-    vf_coef: float = 0.5  # weight of the value loss
-    entropy_coef: float = 0.0  # weight of the entropy bonus
-    ptx_coef: float = 0.0  # weight of a pretraining (PTX) loss mixed in, as InstructGPT's PPO-ptx
+    ppo_epochs: int = field(4, min=1)  # passes over each rollout
+    minibatch_size: int = field(16, min=1)  # rollouts per gradient step
+    learning_rate: float = field(1e-4, min=0)  # Adam step size for policy and critic
+    weight_decay: float = field(0.0, min=0)  # AdamW decay on matrices
+    clip_range: float = field(0.2, above=0)  # epsilon of the clipped policy objective
+    clip_range_value: float = field(0.2, above=0)  # the value function's clip around its old predictions
+    vf_coef: float = field(0.5, min=0)  # weight of the value loss
+    entropy_coef: float = field(0.0, min=0)  # weight of the entropy bonus
+    ptx_coef: float = field(0.0, min=0)  # weight of a pretraining (PTX) loss mixed in, as InstructGPT's PPO-ptx
     ptx_dataset: str = "pycode"  # data/ folder the PTX batches come from
-    ptx_batch_size: int = 8  # sequences per PTX batch
-    max_grad_norm: float = 1.0  # clip the gradient norm
-    early_stop_kl: float = 0.0  # stop an iteration's epochs when approx-KL to pi_old exceeds this; 0 is off
-    eval_samples_shown: int = 3  # sample completions before and after written to the report
+    ptx_batch_size: int = field(8, min=1)  # sequences per PTX batch
+    max_grad_norm: float = field(1.0, above=0)  # clip the gradient norm
+    early_stop_kl: float = field(0.0, min=0)  # end an iteration's epochs when approx-KL to pi_old exceeds this; 0: off
+    eval_samples_shown: int = field(3, min=0)  # sample completions before and after written to the report
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def evaluate(policy, ref, reward_model, tok, eval_set, cfg, rt):
 def main(argv=None, score_fn=None):
     """score_fn(prompt texts, response ids, response mask) -> scores, when given, replaces the reward model
     (the tests use a toy reward with a known optimum)."""
-    cfg, rt = start_single_process(Config, argv, "train_ppo.py")
+    cfg, rt = start_single_process(Config, argv, "train_ppo.py", stage="ppo")
 
     # ---- the four models: policy (trained), critic (trained), reference (frozen SFT), reward model (frozen)
     resuming = cfg.init_from == "resume"
@@ -219,7 +219,7 @@ def main(argv=None, score_fn=None):
     ckpt = None
     if resuming:
         _, ckpt = resume_checkpoint(cfg.out_dir, "ppo", "PPO run")
-        sft_source = ckpt["config"]["init_from"]
+        sft_source = ckpt.get("sft_source", ckpt["config"]["init_from"])  # where the run began, resumed or not
     hint = "make it with `python train_sft.py config/sft_small.py`"
     sft_ckpt = load_checkpoint(sft_source, hint=hint)
     tok = get_tokenizer(sft_ckpt["tokenizer"])
@@ -231,6 +231,9 @@ def main(argv=None, score_fn=None):
     reward_model, rm_stats, critic = None, (0.0, 1.0), None
     if score_fn is None or not shared:
         rm_ckpt = load_checkpoint(cfg.reward_model, hint="make it with `python train_rm.py config/rm_small.py`")
+        if not rm_ckpt["model_args"].get("scalar_head"):
+            raise UserError(f"{cfg.reward_model} holds a {rm_ckpt.get('stage', '?')!r} model without a scalar head, "
+                            f"not a reward model; make one with `python train_rm.py config/rm_small.py`")
         if rm_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
             raise UserError(f"the reward model uses the {tokenizer_name(rm_ckpt['tokenizer'])!r} tokenizer but the "
                             f"policy uses {tokenizer_name(sft_ckpt['tokenizer'])!r}; train both from the same "
@@ -262,7 +265,7 @@ def main(argv=None, score_fn=None):
     ptx_data = None
     if cfg.ptx_coef > 0:
         ptx_data = TokenBatches(dataset_dir(cfg.ptx_dataset), "train", policy.config.block_size - 1,
-                                cfg.ptx_batch_size, rt.device)
+                                cfg.ptx_batch_size, rt.device, tokenizer=tok.spec)
 
     # ---- prompts
     max_prompt = policy.config.block_size - cfg.max_new_tokens
@@ -278,7 +281,9 @@ def main(argv=None, score_fn=None):
     before = ckpt["before"] if ckpt else None
     generator = torch.Generator(device=rt.device)
     cpu_generator = torch.Generator()
-    last_eval, after_completions = None, []
+    # resumed at the last iteration, nothing is evaluated again: the report takes the checkpoint's evaluation
+    last_eval, after_completions = (ckpt.get("eval"), ckpt.get("completions", [])) if ckpt else (None, [])
+    guard = NonFiniteGuard(cfg.learning_rate, device=rt.device)
     t_start = time.time()
 
     def save(iter_num):
@@ -286,7 +291,8 @@ def main(argv=None, score_fn=None):
             "stage": "ppo", "model_args": asdict(policy.config), "model": policy.state_dict(),
             "critic": critic.state_dict() if critic is not None else None, "optimizer": optimizer.state_dict(),
             "iter_num": iter_num, "kl_coef": kl_ctl.beta, "config": asdict(cfg), "rng": rng_state(),
-            "tokenizer": tok.spec, "before": before, "template": cfg.template})
+            "tokenizer": tok.spec, "before": before, "template": cfg.template, "sft_source": sft_source,
+            "eval": last_eval, "completions": after_completions[:cfg.eval_samples_shown]})
 
     with StopRequest() as stop:
         for it in range(start_iter, cfg.max_iters + 1):
@@ -299,8 +305,8 @@ def main(argv=None, score_fn=None):
                 print(f"eval @ {it}: {task.describe(last_eval)}; RM score {last_eval.get('rm_score', float('nan')):.3f}",
                       flush=True)
                 metrics.log(iter=it, **{f"eval_{k}": v for k, v in last_eval.items()})
-                save(it)
                 after_completions = completions
+                save(it)
             if at_end:
                 break
 
@@ -374,7 +380,8 @@ def main(argv=None, score_fn=None):
                         stats["ptx"].append(ptx_loss.item())
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    guard.record(it + 1, loss, grad_norm)
                     optimizer.step()
                     stats["policy_loss"].append(pg_loss.item())
                     stats["value_loss"].append(vf_loss.item())
@@ -385,6 +392,7 @@ def main(argv=None, score_fn=None):
                     break  # the policy already moved far from the one that collected the rollout
             t3 = time.time()
 
+            guard.check()  # an update that went nan or inf stops the run before the next rollout samples from it
             # ---- bookkeeping: the adaptive controller sees the KL of this rollout, per response
             kl_per_response = kl.sum(dim=1).mean().item()
             if cfg.adaptive_kl:

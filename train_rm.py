@@ -33,11 +33,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common import (cosine_lr, encode_prompt_response, format_duration, format_prompt, grad_scaler,
-                    load_checkpoint, Metrics, model_from_checkpoint, optimizer_step, pad_right, plot_curves,
-                    read_jsonl_records, read_preference_pairs, read_scored_examples, resume_checkpoint, rng_state,
-                    RunConfig, save_checkpoint, set_rng_state, start_single_process, StopRequest, UserError)
-from model import GPT
+from common import (cosine_lr, encode_prompt_response, field, format_duration, format_prompt, gpt2_weights,
+                    grad_scaler, load_checkpoint, Metrics, model_from_checkpoint, NonFiniteGuard, optimizer_step,
+                    pad_right, plot_curves, read_jsonl_records, read_preference_pairs, read_scored_examples,
+                    resume_checkpoint, rng_state, RunConfig, save_checkpoint, set_rng_state, start_single_process,
+                    StopRequest, UserError)
 from tokenizer import get_tokenizer
 
 
@@ -53,21 +53,21 @@ class Config(RunConfig):
     template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
     loss: Literal["pairwise", "mse"] = "pairwise"  # 'pairwise': -log sigma(r_w - r_l); 'mse': (r - score)^2
     mismatched: bool = False  # also pair each chosen response against another prompt's chosen response (extra rows)
-    margin: float = 0.0  # m in -log sigma(r_w - r_l - m): ask for the chosen response to win by at least m
+    margin: float = field(0.0, min=0)  # m in -log sigma(r_w - r_l - m): the chosen response should win by at least m
     train_backbone: bool = True  # False trains the scalar head only, on the frozen features of the init model
-    frozen_layers: int = 0  # keep the embeddings and the lowest this many blocks fixed: fewer weights, faster steps
-    dropout: float = 0.0  # dropout in the backbone while training
-    batch_size: int = 16  # pairs per step: chosen and rejected go through the model together, 2 x batch_size rows
-    eval_batch_size: int = 64  # responses per forward pass in evaluation
-    learning_rate: float = 3e-4  # peak learning rate of the backbone, after warm-up
-    head_lr_mult: float = 10.0  # the fresh scalar head learns this many times faster than the pretrained backbone
-    min_lr: float = 3e-5  # the cosine schedule ends here
-    warmup_iters: int = 20  # linear warm-up steps
-    lr_decay_iters: int = 0  # the cosine reaches min_lr here; 0 means max_iters
-    weight_decay: float = 0.1  # AdamW decay, applied to matrices only
-    beta1: float = 0.9  # AdamW
-    beta2: float = 0.99  # AdamW
-    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
+    frozen_layers: int = field(0, min=0)  # keep the embeddings and the lowest this many blocks fixed: faster steps
+    dropout: float = field(0.0, min=0, below=1)  # dropout in the backbone while training
+    batch_size: int = field(16, min=1)  # pairs per step: chosen and rejected go through the model together
+    eval_batch_size: int = field(64, min=1)  # responses per forward pass in evaluation
+    learning_rate: float = field(3e-4, min=0)  # peak learning rate of the backbone, after warm-up
+    head_lr_mult: float = field(10.0, min=0)  # the fresh scalar head learns this many times faster than the backbone
+    min_lr: float = field(3e-5, min=0)  # the cosine schedule ends here
+    warmup_iters: int = field(20, min=0)  # linear warm-up steps
+    lr_decay_iters: int = field(0, min=0)  # the cosine reaches min_lr here; 0 means max_iters
+    weight_decay: float = field(0.1, min=0)  # AdamW decay, applied to matrices only
+    beta1: float = field(0.9, min=0, below=1)  # AdamW
+    beta2: float = field(0.99, min=0, below=1)  # AdamW
+    grad_clip: float = field(1.0, min=0)  # clip the global gradient norm to this; 0 turns clipping off
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def build_model(cfg):
         return model, ckpt, ckpt["tokenizer"], ckpt.get("backbone", "?")
     if cfg.init_from.startswith("gpt2") and not os.path.isdir(cfg.init_from) or \
             os.path.isfile(os.path.join(cfg.init_from, "config.json")):
-        return GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout, scalar_head=True), None, "gpt2", cfg.init_from
+        return gpt2_weights(cfg.init_from, dropout=cfg.dropout, scalar_head=True), None, "gpt2", cfg.init_from
     ckpt = load_checkpoint(cfg.init_from, hint=init_hint(cfg.init_from))
     model = model_from_checkpoint(ckpt, cfg.init_from, dropout=cfg.dropout, scalar_head=True)
     return model, None, ckpt["tokenizer"], cfg.init_from
@@ -348,7 +348,7 @@ def plot(cfg, path):
 
 
 def main(argv=None):
-    cfg, rt = start_single_process(Config, argv, "train_rm.py")
+    cfg, rt = start_single_process(Config, argv, "train_rm.py", stage="rm")
 
     # ---- the model: backbone + scalar head; the data is tokenized with the backbone's own tokenizer
     model, ckpt, tokenizer_spec, backbone = build_model(cfg)
@@ -389,6 +389,7 @@ def main(argv=None):
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     last = {k: ckpt[k] for k in ("val_loss", "val_accuracy", "by_kind") if k in ckpt} if ckpt else {}
     loss_sum, acc_sum, interval_iters, interval_time = 0.0, 0.0, 0, 0.0
+    guard = NonFiniteGuard(cfg.learning_rate, scaler, rt.device)
     t_start = time.time()
     with StopRequest() as stop:
         while True:
@@ -399,6 +400,7 @@ def main(argv=None):
             # evaluate on the held-out data and checkpoint, at the start, every eval_interval steps and at the end
             at_end = iter_num >= cfg.max_iters or stop.requested
             if (iter_num % cfg.eval_interval == 0 or at_end) and iter_num != resumed_at:
+                guard.check()  # a step that went nan or inf stops the run here, before evaluating or saving
                 last = evaluate(model, val, cfg, tok.eot_token, rt)
                 record = {k: v for k, v in last.items() if k != "by_kind"}
                 line = f"step {iter_num}: val loss {last['val_loss']:.4f}"
@@ -425,7 +427,8 @@ def main(argv=None):
             index = batch_indices(cfg.seed, iter_num, cfg.batch_size, lengths)
             loss, acc = train_step_loss(model, train, index, cfg, tok.eot_token, rt)
             scaler.scale(loss).backward()
-            optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
+            grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
+            guard.record(iter_num + 1, loss, grad_norm)
             loss_sum += loss.item()
             acc_sum += acc.item() if acc is not None else 0.0
             interval_time += time.time() - t0
@@ -433,6 +436,7 @@ def main(argv=None):
             iter_num += 1
 
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+                guard.check()
                 dt = interval_time / interval_iters
                 record = {"train_loss": loss_sum / interval_iters, "lr": lr, "ms_per_iter": dt * 1000}
                 line = f"iter {iter_num}/{cfg.max_iters}: loss {record['train_loss']:.4f}"

@@ -33,9 +33,10 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from common import (complete, cosine_lr, encode_prompt_response, format_duration, format_prompt, grad_scaler, init_model,
-                    Metrics, optimizer_step, pad_right, plot_curves, read_jsonl_records, read_sft_examples, rng_state,
-                    RunConfig, save_checkpoint, set_rng_state, start_single_process, StopRequest, UserError)
+from common import (complete, cosine_lr, encode_prompt_response, field, format_duration, format_prompt, grad_scaler,
+                    init_model, Metrics, NonFiniteGuard, optimizer_step, pad_right, plot_curves, read_jsonl_records,
+                    read_sft_examples, rng_state, RunConfig, save_checkpoint, set_rng_state, start_single_process,
+                    StopRequest, UserError)
 from tasks import pycode as task
 from tokenizer import get_tokenizer
 
@@ -51,23 +52,23 @@ class Config(RunConfig):
     val_file: str = "data/pycode/sft_val.jsonl"  # held-out demonstrations: the validation loss on response tokens
     eval_prompts: str = "data/pycode/prompts_eval.jsonl"  # held-out prompts whose greedy completions are scored
     template: Literal["none", "instruction"] = "none"  # 'none': the prompt as it is; 'instruction': Alpaca's template
-    block_size: int = 0  # context length; 0 means the model's own, smaller crops it; longer examples are dropped
+    block_size: int = field(0, min=0)  # context length; 0: the model's own, smaller crops it; longer examples are dropped
     # evaluation
-    eval_max_prompts: int = 0  # complete this many of the eval prompts greedily at each evaluation; 0 means all
-    eval_samples: int = 8  # sampled completions per prompt at the last evaluation (pass@k); 0: greedy only
-    max_new_tokens: int = 96  # completion length limit; eval prompts longer than the context minus this are dropped
-    eval_batch_size: int = 64  # rows per batch in evaluation (loss and generation)
+    eval_max_prompts: int = field(0, min=0)  # complete this many eval prompts greedily at each evaluation; 0 means all
+    eval_samples: int = field(8, min=0)  # sampled completions per prompt at the last evaluation (pass@k); 0: none
+    max_new_tokens: int = field(96, min=1)  # completion length limit; eval prompts leaving less room than this are dropped
+    eval_batch_size: int = field(64, min=1)  # rows per batch in evaluation (loss and generation)
     # optimisation
-    batch_size: int = 16  # examples per step
-    learning_rate: float = 3e-4  # peak learning rate: lower than pretraining, to adapt rather than overwrite
-    min_lr: float = 3e-5  # the cosine schedule ends here
-    warmup_iters: int = 20  # linear warm-up steps
-    lr_decay_iters: int = 0  # the cosine reaches min_lr here; 0 means max_iters
-    weight_decay: float = 0.1  # AdamW decay, applied to matrices only
-    beta1: float = 0.9  # AdamW
-    beta2: float = 0.99  # AdamW
-    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
-    dropout: float = 0.0  # may help a large model memorise less; hurt lm_small (pretrained without)
+    batch_size: int = field(16, min=1)  # examples per step
+    learning_rate: float = field(3e-4, min=0)  # peak learning rate: below pretraining's, to adapt rather than overwrite
+    min_lr: float = field(3e-5, min=0)  # the cosine schedule ends here
+    warmup_iters: int = field(20, min=0)  # linear warm-up steps
+    lr_decay_iters: int = field(0, min=0)  # the cosine reaches min_lr here; 0 means max_iters
+    weight_decay: float = field(0.1, min=0)  # AdamW decay, applied to matrices only
+    beta1: float = field(0.9, min=0, below=1)  # AdamW
+    beta2: float = field(0.99, min=0, below=1)  # AdamW
+    grad_clip: float = field(1.0, min=0)  # clip the global gradient norm to this; 0 turns clipping off
+    dropout: float = field(0.0, min=0, below=1)  # may help a large model memorise less; hurt lm_small
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def describe(m):
 # --------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg, rt = start_single_process(Config, argv, "train_sft.py")
+    cfg, rt = start_single_process(Config, argv, "train_sft.py", stage="sft")
 
     # ---- model: the pretrained LM (or the SFT run to resume); its tokenizer is the one the data is encoded with
     if cfg.init_from == "scratch":
@@ -170,7 +171,8 @@ def main(argv=None):
     model_args = {"dropout": cfg.dropout, **({"block_size": cfg.block_size} if cfg.block_size else {})}
     model, ckpt, tokenizer_spec = init_model(
         cfg.init_from, cfg.out_dir, model_args, None,
-        stage_hint="make it with `python train_lm.py config/lm_small.py` (or set init_from to a pretraining out_dir)")
+        stage_hint="make it with `python train_lm.py config/lm_small.py` (or set init_from to a pretraining out_dir)",
+        stage="sft", what="fine-tuning run", start="init_from=<a pretraining out_dir>")
     if ckpt is not None and ckpt.get("template", cfg.template) != cfg.template:
         raise UserError(f"{cfg.out_dir}/ckpt.pt was trained with template={ckpt['template']!r}, not "
                         f"{cfg.template!r}; resume with the same template or use a new out_dir")
@@ -225,6 +227,7 @@ def main(argv=None):
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     completions = []
     loss_sum, tokens, interval_iters, interval_time = 0.0, 0, 0, 0.0
+    guard = NonFiniteGuard(cfg.learning_rate, scaler, rt.device)
     t_start = time.time()
     with StopRequest() as stop:
         while True:
@@ -235,6 +238,7 @@ def main(argv=None):
             # evaluate and checkpoint; the checkpoint holds everything needed to continue from this very step
             at_end = iter_num >= cfg.max_iters or stop.requested
             if (iter_num % cfg.eval_interval == 0 or at_end) and iter_num != resumed_at:
+                guard.check()  # a step that went nan or inf stops the run here, before evaluating or saving
                 t0 = time.time()
                 last, completions = evaluate(raw_model, val_examples, eval_set, tok, cfg, rt,
                                              samples=cfg.eval_samples if at_end else 0)
@@ -257,7 +261,8 @@ def main(argv=None):
             with rt.autocast:
                 _, loss = model(x, y)  # the mean over response tokens: y is -1 on prompt and padding
             scaler.scale(loss).backward()
-            optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
+            grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
+            guard.record(iter_num + 1, loss, grad_norm)
             loss_sum += loss.item()
             tokens += x.numel()
             interval_time += time.time() - t0
@@ -265,6 +270,7 @@ def main(argv=None):
             iter_num += 1
 
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+                guard.check()
                 train_loss = loss_sum / interval_iters
                 dt = interval_time / interval_iters
                 eta = (cfg.max_iters - iter_num) * dt

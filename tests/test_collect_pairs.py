@@ -62,7 +62,7 @@ def test_a_tiny_run_writes_pairs_train_rm_reads_beside_other_files(tiny_lm, tmp_
 
 
 def test_bad_settings_are_clear_errors(tiny_lm, tmp_path):
-    with pytest.raises(UserError, match="samples_per_prompt must be at least 1"):
+    with pytest.raises(UserError, match="samples_per_prompt=0 must be at least 1"):
         collect_pairs.main([f"--init_from={tiny_lm}", f"--out_dir={tmp_path}", "--samples_per_prompt=0"])
     with pytest.raises(UserError, match="train_sft.py"):
         collect_pairs.main([f"--init_from={tmp_path / 'nothing'}", f"--out_dir={tmp_path}"])

@@ -1,10 +1,20 @@
-"""common.load_config: Python config files, --key=value overrides, type checks, clear errors, --help."""
+"""common.load_config: Python config files, --key=value overrides, type and range checks, clear errors, --help."""
+import glob
+import os
 import typing
 from dataclasses import dataclass
 
 import pytest
 
-from common import RunConfig, UserError, config_help, load_config
+import collect_pairs
+import sample
+import train_dpo
+import train_lm
+import train_ppo
+import train_rm
+import train_sft
+from common import RunConfig, UserError, config_help, field, load_config
+from conftest import ROOT
 
 
 @dataclass
@@ -14,6 +24,8 @@ class Demo(RunConfig):
     name: str = "run"  # a label
     flag: bool = False  # a switch
     mode: typing.Literal["a", "b"] = "a"  # one of two modes
+    dropout: float = field(0.0, min=0, below=1)  # a share
+    eval_interval: int = 50  # a shared key given another default keeps its declared range
 
 
 def test_defaults_then_file_then_command_line(tmp_path):
@@ -70,6 +82,66 @@ def test_help_lists_every_key_with_default_and_meaning(capsys):
         load_config(Demo, ["--help"])
     assert exit_info.value.code == 0
     assert "--batch_size=8" in capsys.readouterr().out
+
+
+def test_a_range_declared_with_the_key_is_checked_and_shown_in_help(tmp_path):
+    assert load_config(Demo, ["--dropout=0.5"]).dropout == 0.5
+    with pytest.raises(UserError, match=r"command line: dropout=1.0 must be at least 0 and below 1"):
+        load_config(Demo, ["--dropout=1.0"])
+    with pytest.raises(UserError, match=r"command line: eval_interval=0 must be at least 1"):
+        load_config(Demo, ["--eval_interval=0"])
+    with pytest.raises(UserError, match=r"dropout=inf must be a finite number"):
+        load_config(Demo, ["--dropout=1e999"])
+    with pytest.raises(UserError, match=r"command line: name is empty; give it a value"):
+        load_config(Demo, ["--name="])
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("dropout = -0.1\n")
+    with pytest.raises(UserError, match=r"c.py: dropout=-0.1 must be at least 0"):
+        load_config(Demo, [str(cfg_file)])
+    assert "a share [at least 0 and below 1]" in config_help(Demo, "demo.py")
+
+
+STAGES = {"lm": train_lm, "sft": train_sft, "rm": train_rm, "ppo": train_ppo, "dpo": train_dpo,
+          "pairs": collect_pairs, "sample": sample}
+
+
+@pytest.mark.parametrize("stage, arg, message", [
+    ("lm", "--gradient_accumulation_steps=0", "gradient_accumulation_steps=0 must be at least 1"),
+    ("lm", "--batch_size=0", "batch_size=0 must be at least 1"),
+    ("lm", "--eval_interval=0", "eval_interval=0 must be at least 1"),
+    ("sft", "--batch_size=-4", "batch_size=-4 must be at least 1"),
+    ("sft", "--max_new_tokens=-1", "max_new_tokens=-1 must be at least 1"),
+    ("rm", "--eval_batch_size=0", "eval_batch_size=0 must be at least 1"),
+    ("ppo", "--minibatch_size=0", "minibatch_size=0 must be at least 1"),
+    ("ppo", "--temperature=0", "temperature=0.0 must be above 0"),
+    ("dpo", "--beta=-0.1", "beta=-0.1 must be above 0"),
+    ("dpo", "--eval_interval=0", "eval_interval=0 must be at least 1"),
+    ("pairs", "--samples_per_prompt=0", "samples_per_prompt=0 must be at least 1"),
+    ("sample", "--temperature=-1", "temperature=-1.0 must be at least 0"),
+    ("sample", "--max_new_tokens=-5", "max_new_tokens=-5 must be at least 1"),
+])
+def test_every_stage_rejects_values_outside_the_declared_range(stage, arg, message):
+    with pytest.raises(UserError, match=message):
+        load_config(STAGES[stage].Config, [arg])
+
+
+def test_every_default_and_every_config_file_lies_in_the_declared_ranges():
+    for module in STAGES.values():
+        load_config(module.Config, [])
+    for path in glob.glob(os.path.join(ROOT, "config", "*.py")):
+        load_config(STAGES[os.path.basename(path).split("_")[0]].Config, [path])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("batch_size = 32\nlearning_rate = 3e-4 +\n", r"c.py:2: invalid syntax"),
+    ("batch_size = 32\nlearning_rate = lr / 10\n", r"c.py:2: NameError: name 'lr' is not defined"),
+    ("import no_such_module\n", r"c.py:1: ModuleNotFoundError: No module named 'no_such_module'"),
+])
+def test_a_config_file_that_does_not_run_is_a_one_line_error_with_its_line(tmp_path, text, message):
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_config(Demo, [str(cfg_file)])
 
 
 @pytest.mark.parametrize("native", [True, False])

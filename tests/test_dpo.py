@@ -174,11 +174,14 @@ def test_training_lowers_the_loss_and_writes_checkpoint_metrics_plot_and_report(
     assert json.loads((out / "before_after.json").read_text())["after"]["val_loss"] == pytest.approx(after["val_loss"])
 
 
-def test_resume_gives_exactly_the_run_without_interruption(tiny, tmp_path):
-    common = ["--eval_interval=3", "--lr_decay_iters=8", "--dropout=0.1", "--learning_rate=1e-3"]  # dropout: RNG
+def test_resume_from_any_checkpoint_any_number_of_times_gives_exactly_the_run_without_interruption(tiny, tmp_path):
+    # dropout: the RNG state matters
+    common = ["--eval_interval=3", "--lr_decay_iters=8", "--dropout=0.1", "--learning_rate=1e-3", "--eval_samples=2"]
     run_dpo(tiny, tmp_path / "straight", "--max_iters=8", *common)
-    run_dpo(tiny, tmp_path / "split", "--max_iters=5", *common)
-    result = run_dpo(tiny, tmp_path / "split", "--max_iters=8", "--init_from=resume", *common)
+    first = run_dpo(tiny, tmp_path / "split", "--max_iters=5", *common)
+    assert run_dpo(tiny, tmp_path / "split", "--max_iters=5", "--init_from=resume", *common) == first  # at its end
+    run_dpo(tiny, tmp_path / "split", "--max_iters=6", "--init_from=resume", *common)
+    result = run_dpo(tiny, tmp_path / "split", "--max_iters=8", "--init_from=resume", *common)  # resumed twice
     losses = [{r["iter"]: r["train_loss"] for r in read_jsonl_records(d / "metrics.jsonl") if "train_loss" in r}
               for d in (tmp_path / "straight", tmp_path / "split")]
     assert sorted(losses[1]) == list(range(1, 9)) and losses[0] == losses[1]

@@ -172,24 +172,42 @@ def test_end_to_end_ppo_raises_a_toy_reward_with_a_known_optimum(tmp_path):
     assert "SFT (before)" in report and "PPO (after)" in report and "solved, functions with arguments" in report
 
 
-def test_ppo_resume_is_exact(tmp_path):
+def test_ppo_resumes_exactly_from_any_checkpoint_the_last_one_included_any_number_of_times(tmp_path):
     sft = make_policy_checkpoint(tmp_path / "sft")
     prompts = toy_prompts(tmp_path / "prompts.jsonl", 10)
     score = lambda texts, responses, mask: ((responses % 3 == 0).float() * mask).sum(1) / mask.sum(1)
     common = [f"--prompts_file={prompts}", f"--eval_prompts={prompts}", "--eval_interval=2", "--batch_size=8",
-              "--minibatch_size=4", "--max_new_tokens=6", "--device=cpu", "--adaptive_kl=True", "--target_kl=0.01"]
-    train_ppo.main(common + [f"--init_from={sft}", f"--out_dir={tmp_path / 'a'}", "--max_iters=4"], score_fn=score)
-    train_ppo.main(common + [f"--init_from={sft}", f"--out_dir={tmp_path / 'b'}", "--max_iters=2"], score_fn=score)
-    train_ppo.main(common + ["--init_from=resume", f"--out_dir={tmp_path / 'b'}", "--max_iters=4"], score_fn=score)
+              "--minibatch_size=4", "--max_new_tokens=6", "--device=cpu", "--adaptive_kl=True", "--target_kl=0.01",
+              "--eval_samples=2", "--eval_max_prompts=4"]
+    straight = train_ppo.main(common + [f"--init_from={sft}", f"--out_dir={tmp_path / 'a'}", "--max_iters=4"],
+                              score_fn=score)
+    first = train_ppo.main(common + [f"--init_from={sft}", f"--out_dir={tmp_path / 'b'}", "--max_iters=2"],
+                           score_fn=score)
+    # resumed at its last checkpoint there is nothing left to do: the same result and report, from the checkpoint
+    again = train_ppo.main(common + ["--init_from=resume", f"--out_dir={tmp_path / 'b'}", "--max_iters=2"],
+                           score_fn=score)
+    assert again == first and "PPO (after)" in (tmp_path / "b" / "report.md").read_text()
+    for max_iters in (3, 4):  # resumed twice: a resumed run's checkpoint resumes too
+        resumed = train_ppo.main(common + ["--init_from=resume", f"--out_dir={tmp_path / 'b'}",
+                                           f"--max_iters={max_iters}"], score_fn=score)
     a = [r for r in read_jsonl_records(tmp_path / "a" / "metrics.jsonl") if "score" in r]
     b = [r for r in read_jsonl_records(tmp_path / "b" / "metrics.jsonl") if "score" in r]
     keys = ("score", "kl", "beta", "policy_loss", "value_loss")
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    assert resumed == straight
+    a, b = load_checkpoint(str(tmp_path / "a")), load_checkpoint(str(tmp_path / "b"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and b["sft_source"] == sft
 
     # an out_dir holding another stage's checkpoint cannot be resumed as PPO
     with pytest.raises(UserError, match="is a 'sft' checkpoint, not a PPO run's"):
         train_ppo.main(common + ["--init_from=resume", f"--out_dir={tmp_path / 'sft'}", "--max_iters=4"],
                        score_fn=score)
+
+
+def test_a_reward_model_without_a_scalar_head_is_a_one_line_error(tmp_path):
+    sft = make_policy_checkpoint(tmp_path / "sft")
+    with pytest.raises(UserError, match=r"sft holds a 'sft' model without a scalar head, not a reward model; make one"):
+        train_ppo.main([f"--init_from={sft}", f"--reward_model={sft}", f"--out_dir={tmp_path / 'ppo'}", "--device=cpu"])
 
 
 def test_a_separate_critic_starts_from_the_reward_model_and_learns_alongside(tmp_path):

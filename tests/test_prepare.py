@@ -16,7 +16,8 @@ _spec = importlib.util.spec_from_file_location("pycode_prepare", os.path.join(RO
 prepare = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(prepare)
 
-from tokenizer import get_tokenizer  # noqa: E402  (prepare put the repo root on sys.path)
+from common import UserError  # noqa: E402  (prepare put the repo root on sys.path)
+from tokenizer import get_tokenizer  # noqa: E402
 
 VAL_EVERY = 2
 
@@ -316,15 +317,26 @@ def test_rerun_is_identical(run, tmp_path):
             assert open(os.path.join(out, name), "rb").read() == open(os.path.join(tmp_path, name), "rb").read()
 
 
-def test_errors(tmp_path):
-    with pytest.raises(SystemExit, match=str(tmp_path)):
-        prepare.main([f"--src_dir={tmp_path}", f"--out_dir={tmp_path}"])
-    with pytest.raises(SystemExit, match="unknown tokenizer"):
-        prepare.main(["--tokenizer=nope"])
-    with pytest.raises(SystemExit, match="unrecognized arguments"):
-        prepare.main(["--no_such_option=1"])
-    with pytest.raises(SystemExit, match="val_every"):
-        prepare.main(["--val_every=0"])
+def test_errors_are_one_line_in_the_style_of_every_script(tmp_path):
+    for argv, message in (([f"--src_dir={tmp_path}", f"--out_dir={tmp_path}"], f"no .py files found under {tmp_path}"),
+                          (["--tokenizer=nope"], "unknown tokenizer 'nope'"),
+                          (["--no_such_option=1"], "unrecognized arguments: --no_such_option=1"),
+                          (["--val_every=0"], "--val_every must be at least 2, got 0")):
+        with pytest.raises(UserError) as error:
+            prepare.main(argv)
+        assert str(error.value).startswith(f"error: {message}") and "\n" not in str(error.value)
+
+
+def test_a_source_folder_with_nothing_usable_leaves_the_dataset_there_as_it_was(run, tmp_path):
+    _, out, _, _ = run
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    for name, text in (("not_utf8.py", b'def f(x):\n    """caf\xe9"""\n    return x\n'),
+                       ("no_functions.py", b"x = 1\n")):
+        src = tmp_path / name.split(".")[0]
+        _write(os.path.join(src, name), text)
+        with pytest.raises(UserError, match=r"gives nothing usable for .*val.bin.*; nothing was written"):
+            prepare.main([f"--src_dir={src}", f"--out_dir={out}"])
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
 
 
 def test_real_stdlib(tmp_path):

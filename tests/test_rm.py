@@ -24,9 +24,11 @@ def tiny_reward_model():
 
 
 def write_jsonl(path, rows):
-    with open(path, "w") as f:
+    """Rows as JSON lines; a str or bytes row is written as it is (a malformed line)."""
+    with open(path, "wb") as f:
         for row in rows:
-            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+            line = row if isinstance(row, (str, bytes)) else json.dumps(row)
+            f.write((line.encode() if isinstance(line, str) else line) + b"\n")
     return str(path)
 
 
@@ -100,13 +102,21 @@ def test_reader_accepts_ours_and_hh_rlhf(tmp_path):
     pairs = read_preference_pairs(ours)
     assert pairs[0] == {"prompt": "def f():\n", "chosen": "    return 1\n", "rejected": "    return (\n",
                         "kind": "unbalanced"}
-    assert pairs[1]["kind"] == "all"
+    assert pairs[1]["kind"] == "unlabelled"
     hh = write_jsonl(tmp_path / "hh.jsonl", [
         {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: name?\n\nAssistant: Claude.",
          "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: name?\n\nAssistant: Go away."}])
     (pair,) = read_preference_pairs(hh)
     assert pair["prompt"] == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: name?\n\nAssistant:"
-    assert (pair["chosen"], pair["rejected"], pair["kind"]) == (" Claude.", " Go away.", "all")
+    assert (pair["chosen"], pair["rejected"], pair["kind"]) == (" Claude.", " Go away.", "unlabelled")
+
+
+def test_pairs_without_a_kind_are_counted_once_in_the_overall_row(tmp_path):
+    rows = [{"chosen": f"\n\nHuman: {i}?\n\nAssistant: yes", "rejected": f"\n\nHuman: {i}?\n\nAssistant: no"}
+            for i in range(40)]  # HH-RLHF's format: no kind
+    kinds = [p["kind"] for p in read_preference_pairs(write_jsonl(tmp_path / "hh.jsonl", rows))]
+    by_kind = train_rm.pair_metrics_by_kind(torch.ones(40), torch.zeros(40), kinds)
+    assert by_kind["all"]["n"] == 40 and by_kind["unlabelled"]["n"] == 40
 
 
 @pytest.mark.parametrize("line, message", [
@@ -117,6 +127,8 @@ def test_reader_accepts_ours_and_hh_rlhf(tmp_path):
      r"bad\.jsonl:2: empty response"),
     ('{"chosen": "no dialogue here", "rejected": "nor here"}', r"bad\.jsonl:2: a full-text pair needs"),
     ('[1, 2]', r"bad\.jsonl:2: expected a JSON object"),
+    ('{"prompt": "def f():\\n", "chosen": "x", "rejected": "y", "kind": "all"}', r"bad\.jsonl:2: kind 'all' names"),
+    (b'{"prompt": "def caf\xe9():\\n", "chosen": "x", "rejected": "y"}', r"bad\.jsonl:2: not UTF-8 text \(byte 0xe9\)"),
 ])
 def test_reader_rejects_bad_lines_naming_file_and_line(tmp_path, line, message):
     good = {"prompt": "def f():\n", "chosen": "    return 1\n", "rejected": "    return (\n"}

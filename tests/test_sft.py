@@ -235,6 +235,25 @@ def test_resume_with_another_template_is_an_error(tiny):
         train_sft.main(sft_args(files, root / "t", "--max_iters=2", "--init_from=resume", "--template=instruction"))
 
 
+def test_resuming_a_pretraining_checkpoint_as_sft_is_refused_and_leaves_it_alone(tiny):
+    _, files = tiny
+    before = open(os.path.join(files["lm"], "ckpt.pt"), "rb").read()
+    with pytest.raises(UserError, match=r"ckpt.pt is a 'lm' checkpoint, not a fine-tuning run's; use another out_dir"):
+        train_sft.main(sft_args(files, files["lm"], "--max_iters=2", "--init_from=resume"))
+    assert open(os.path.join(files["lm"], "ckpt.pt"), "rb").read() == before
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny):
+    root, files = tiny
+    quick = ["--eval_max_prompts=1", "--eval_samples=0", "--max_new_tokens=4"]
+    train_sft.main(sft_args(files, root / "diverge", "--max_iters=2", "--eval_interval=2", *quick))
+    good = (root / "diverge" / "ckpt.pt").read_bytes()
+    with pytest.raises(UserError, match=r"nan or inf at step \d; learning_rate=1e\+30 is most likely too high"):
+        train_sft.main(sft_args(files, root / "diverge", "--max_iters=6", "--eval_interval=2", "--init_from=resume",
+                                "--learning_rate=1e30", *quick))
+    assert (root / "diverge" / "ckpt.pt").read_bytes() == good
+
+
 def test_a_missing_init_checkpoint_names_the_command_that_makes_it(tiny, tmp_path):
     _, files = tiny
     with pytest.raises(UserError, match=r"no checkpoint at .*nowhere.*`python train_lm.py config/lm_small.py`"):

@@ -44,7 +44,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for tokenizer.py and common.py
-from common import write_atomic, write_jsonl  # noqa: E402
+from common import make_out_dir, UserError, write_atomic, write_jsonl  # noqa: E402
 from tasks.pycode import argument_names, is_trivial_statement as is_trivial, reads_any  # noqa: E402
 from tokenizer import BPETokenizer, TOKENIZERS, get_tokenizer, train_bpe  # noqa: E402
 
@@ -57,7 +57,7 @@ SPLITS = ("train", "val")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one clear line instead of a usage dump
-        raise SystemExit(f"prepare.py: error: {message}")
+        raise UserError(message)
 
 
 def parse_args(argv=None):
@@ -88,16 +88,15 @@ def parse_args(argv=None):
     p.add_argument("--max_files", type=int, default=0, help="use only the first N files, 0 = all (quick tests)")
     args = p.parse_args(argv)
     if args.tokenizer not in TOKENIZERS and args.tokenizer != "bpe":
-        raise SystemExit(f"prepare.py: unknown tokenizer {args.tokenizer!r}; choose one of "
-                         f"{sorted(TOKENIZERS) + ['bpe']}")
+        raise UserError(f"unknown tokenizer {args.tokenizer!r}; choose one of {sorted(TOKENIZERS) + ['bpe']}")
     if not 258 <= args.vocab_size <= 2 ** 16:
-        raise SystemExit(f"prepare.py: --vocab_size must be between 258 and 65536, got {args.vocab_size}")
+        raise UserError(f"--vocab_size must be between 258 and 65536, got {args.vocab_size}")
     if args.out_dir is None:
         args.out_dir = HERE if args.tokenizer == "bpe" else os.path.join(HERE, args.tokenizer)
     for name, low in (("val_every", 2), ("max_body_lines", 1), ("max_tokens", 1), ("max_files", 0),
                       ("train_pairs_per_function", 1), ("renamed_copies", 0)):
         if getattr(args, name) < low:
-            raise SystemExit(f"prepare.py: --{name} must be at least {low}, got {getattr(args, name)}")
+            raise UserError(f"--{name} must be at least {low}, got {getattr(args, name)}")
     return args
 
 # -----------------------------------------------------------------------------
@@ -422,12 +421,13 @@ def preference_pairs(pairs, rng, per_function=1):
 def main(argv=None):
     t0 = time.time()
     args = parse_args(argv)
+    make_out_dir(args.out_dir)
     for key, value in vars(args).items():
         print(f"{key} = {value}")
     src_dir = os.path.abspath(args.src_dir)
     paths = find_source_files(src_dir, args.max_files) if os.path.isdir(src_dir) else []
     if not paths:
-        raise SystemExit(f"prepare.py: no .py files found under {src_dir}")
+        raise UserError(f"no .py files found under {src_dir}")
 
     # read every file, remembering its split
     texts = {split: [] for split in SPLITS}
@@ -453,15 +453,16 @@ def main(argv=None):
     else:
         tok = get_tokenizer(args.tokenizer)
     assert tok.n_vocab <= 2 ** 16, "token ids must fit in uint16"
-    os.makedirs(args.out_dir, exist_ok=True)
     out = functools.partial(os.path.join, args.out_dir)
-    written = {}
+    # every file is made in memory first and written only once none of them is empty: a source folder with
+    # nothing usable in it leaves the dataset that is there as it was
+    files, written = {}, {}
 
     # pretraining: every file, end-of-text after each so the model learns where files end
     for split in SPLITS:
         ids = [np.array(tok.encode(text) + [tok.eot_token], dtype=np.uint16) for text in texts[split]]
         ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.uint16)
-        write_atomic(out(f"{split}.bin"), ids.tofile)
+        files[f"{split}.bin"] = ids
         counts[split]["tokens"] = written[f"{split}.bin"] = len(ids)
 
     # fine-tuning pairs; val keeps only prompts train never shows, so that val is truly held out
@@ -479,15 +480,15 @@ def main(argv=None):
     rng, pool = random.Random(f"{args.seed}:renamed"), argument_pool(sft["train"])
     renamed = [copy for _ in range(args.renamed_copies) for p, r in sft["train"]
                for copy in [renamed_arguments(p, r, rng, pool)] if copy is not None]
-    write_jsonl(out("sft_train_renamed.jsonl"), [{"prompt": p, "response": r} for p, r in renamed])
+    files["sft_train_renamed.jsonl"] = [{"prompt": p, "response": r} for p, r in renamed]
     written["sft_train_renamed.jsonl"] = len(renamed)
 
     kinds = {}
     for split in SPLITS:
-        write_jsonl(out(f"sft_{split}.jsonl"), [{"prompt": p, "response": r} for p, r in sft[split]])
+        files[f"sft_{split}.jsonl"] = [{"prompt": p, "response": r} for p, r in sft[split]]
         rows, kinds[split], dropped[split]["no_corruption_applies"] = preference_pairs(
             sft[split], random.Random(f"{args.seed}:{split}"), args.train_pairs_per_function if split == "train" else 1)
-        write_jsonl(out(f"pref_{split}.jsonl"), rows)
+        files[f"pref_{split}.jsonl"] = rows
         written[f"sft_{split}.jsonl"], written[f"pref_{split}.jsonl"] = len(sft[split]), len(rows)
 
     # prompts for PPO (train) and for evaluation (val: never seen by any training stage), one row per prompt
@@ -495,8 +496,8 @@ def main(argv=None):
     evals = {}
     for prompt, response in sft["val"]:
         evals.setdefault(prompt, response)  # where a prompt repeats, its first response is the reference
-    write_jsonl(out("prompts_train.jsonl"), [{"prompt": p} for p in ppo])
-    write_jsonl(out("prompts_eval.jsonl"), [{"prompt": p, "reference": r} for p, r in evals.items()])
+    files["prompts_train.jsonl"] = [{"prompt": p} for p in ppo]
+    files["prompts_eval.jsonl"] = [{"prompt": p, "reference": r} for p, r in evals.items()]
     written["prompts_train.jsonl"], written["prompts_eval.jsonl"] = len(ppo), len(evals)
 
     meta = {
@@ -510,6 +511,18 @@ def main(argv=None):
         "dropped": {split: dict(sorted(dropped[split].items())) for split in SPLITS},
         "inputs_sha256": inputs_hash.hexdigest(),
     }
+    empty = [name for name, n in written.items() if n == 0 and not (name == "sft_train_renamed.jsonl"
+                                                                     and args.renamed_copies == 0)]
+    if empty:
+        raise UserError(f"{src_dir} gives nothing usable for {', '.join(empty)} ({len(paths)} .py files read, "
+                        f"{sum(c['files_skipped_not_utf8'] for c in counts.values())} not UTF-8); nothing was written")
+    if os.path.exists(out("meta.json")):  # a dataset with a meta.json is complete: it is written last
+        os.remove(out("meta.json"))
+    for name, content in files.items():
+        if name.endswith(".bin"):
+            write_atomic(out(name), content.tofile)
+        else:
+            write_jsonl(out(name), content)
     write_atomic(out("meta.json"), lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode("utf-8")))
 
     print(f"read {len(paths)} .py files from {src_dir}")
