@@ -7,7 +7,7 @@ model, no GAE; the policy, a frozen reference (only when the KL needs one) and t
 judge (reward='task': 1 if the response solves its prompt, else 0, a *verifiable* reward: RLVR) or the reward
 model (reward='model': RLHF). Rewards R_i of the G samples of one prompt, r_t per response token:
 
-    reinforce     A_t = sum_{s>=t} gamma^(s-t) r_s  [- the batch's mean]     (Williams 1992; a toy RLHF's REINFORCE)
+    reinforce     A_t = sum_{s>=t} gamma^(s-t) r_s  [- the batch's mean]     (Williams 1992)
     rloo          A_i = R_i - mean_{j!=i} R_j = G/(G-1) (R_i - mean R)      (Ahmadian et al. 2024, "Back to Basics")
     grpo          A_i = (R_i - mean R) / (std R + eps)                       (Shao et al. 2024, DeepSeekMath)
     dr_grpo       A_i = R_i - mean R, loss summed over tokens / a constant   (Liu et al. 2025, "Dr. GRPO")
@@ -21,8 +21,9 @@ model (reward='model': RLHF). Rewards R_i of the G samples of one prompt, r_t pe
                   k2 = delta^2 / 2 or k3 = e^delta - 1 - delta (DeepSeekMath's) as a loss term  (Schulman 2020)
 
 Best-of-N, the baseline every one of them must beat: sample N responses from the SFT model and keep the one the
-reward scores best; its KL to the sampling distribution is at most log N - (N-1)/N (Stiennon et al. 2020; Gao et
-al. 2022). --best_of_n=N evaluates it (no training) on the held-out prompts, with best-of-1, 2, 4, ... beside it.
+reward scores best (Llama 2's rejection sampling fine-tunes on exactly these); its KL to the sampling distribution
+is log N - (N-1)/N, or less when rewards tie (Gao et al. 2022; Beirami et al. 2024). --best_of_n=N evaluates it (no
+training) on the held-out prompts, with best-of-1, 2, 4, ... beside it.
 
 One iteration, as the loop below reads: 1. rollout (G samples per prompt, the prompt run once)  2. score
 3. advantages  4. update.
@@ -307,9 +308,11 @@ def main(argv=None, score_fn=None):
     sft_ckpt = load_checkpoint(sft_source, hint="make it with `python train_sft.py config/sft_small.py`")
     tok = get_tokenizer(sft_ckpt["tokenizer"])
     policy = model_from_checkpoint(sft_ckpt, sft_source, dropout=0.0)
-    reference = lambda: model_from_checkpoint(sft_ckpt, sft_source, dropout=0.0).eval().requires_grad_(False).to(
-        rt.device)
-    ref = reference() if cfg.kl != "none" else None  # beta = 0: never loaded for training (evaluate() loads it)
+
+    def reference():  # the frozen SFT model
+        return model_from_checkpoint(sft_ckpt, sft_source, dropout=0.0).eval().requires_grad_(False).to(rt.device)
+
+    ref = reference() if cfg.kl != "none" else None  # beta = 0: not loaded for training; each evaluation loads it
     reward_model, rm_stats = None, (0.0, 1.0)
     if score_fn is None and cfg.reward == "task":
         score_fn = lambda texts, responses, mask: task_scores(tok, texts, responses, mask)
