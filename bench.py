@@ -6,7 +6,8 @@ Benchmark: how fast this machine trains and samples a given model, measured, not
     python bench.py --what=sample --vocab_size=50257 --sample_batch=16 --prompt_len=32 --new_tokens=128
     python bench.py --what=ppo --n_layer=6 --n_head=6 --n_embd=384 --vocab_size=50257 --sample_batch=16 \
         --prompt_len=32 --new_tokens=48 --ppo_epochs=4      # trl's PPO benchmark sizes (../shared/bench)
-    python bench.py --what=grpo --sample_batch=16 --grpo_group=4 --new_tokens=96   # GRPO beside PPO, 16 responses each
+    python bench.py --what=grpo --n_layer=4 --n_head=4 --n_embd=192 --vocab_size=50257 --sample_batch=16 --grpo_group=4 \
+        --prompt_len=64 --new_tokens=96      # GRPO (4 prompts x 4 samples) beside PPO (16 prompts)
 
 Prints
 - this device's float32 matmul throughput (the peak MFU is measured against),
@@ -182,6 +183,7 @@ def main(argv=None):
     lines = []
     if cfg.what in ("ppo", "grpo"):
         total, split, length = bench_ppo(cfg)
+        ppo_length = length
         results.update(ppo_s_per_iter=total, **{f"ppo_{k}": v for k, v in split.items()})
         lines.append(f"PPO ({cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}, batch {cfg.sample_batch}, "
                      f"prompts of {cfg.prompt_len} tokens, responses of {length:.0f}, {cfg.ppo_epochs} epoch(s), "
@@ -194,8 +196,10 @@ def main(argv=None):
                      f"{length:.0f}, {cfg.ppo_epochs} epoch(s), KL {cfg.grpo_kl}): {total:.2f} s/iteration (median of "
                      f"{cfg.ppo_iters}): rollout {split['rollout_s']:.2f} s, score {split['score_s']:.2f} s, "
                      f"update {split['update_s']:.2f} s")
+        # with a small vocabulary a random model samples end-of-text now and then: compare at equal lengths only
         lines.append(f"GRPO / PPO time per iteration, {cfg.sample_batch} responses each: "
-                     f"{results['grpo_s_per_iter'] / results['ppo_s_per_iter']:.2f}")
+                     f"{results['grpo_s_per_iter'] / results['ppo_s_per_iter']:.2f} (mean response lengths "
+                     f"{length:.0f} and {ppo_length:.0f} tokens)")
     print("\n".join(lines))
     return results
 

@@ -1,5 +1,5 @@
 # GRPO on the small models with the task's verifiable reward (the judge of tasks/pycode.py): no critic, no reward
-# model; 8 samples of each prompt, each judged against the others.
+# model; 4 samples of each of 16 prompts per iteration, each sample judged against the other three.
 # python train_grpo.py config/grpo_small.py        (after config/sft_small.py)
 out_dir = "out/grpo_small"
 init_from = "out/sft_small"
@@ -8,8 +8,11 @@ reward = "task"
 advantage = "grpo"
 max_iters = 24
 eval_interval = 24
-batch_size = 8  # prompts per rollout...
-group_size = 8  # ...times 8 samples each: 64 responses per iteration
+# 16 prompts x 4 samples rather than 8 x 8 (the same 64 responses): the judge finds a template only among the
+# prompts of one rollout, and with 8 prompts the policy learnt bodies that pass there but are templates over the
+# held-out set (template share of greedy completions 0.14 -> 0.48 at 8 x 8, -> 0.33 at 16 x 4; see the README)
+batch_size = 16
+group_size = 4
 max_new_tokens = 96
 temperature = 1.0
 learning_rate = 1e-4
