@@ -10,7 +10,10 @@ max_iters = 24
 eval_interval = 24
 # 16 prompts x 4 samples rather than 8 x 8 (the same 64 responses): the judge finds a template only among the
 # prompts of one rollout, and with 8 prompts the policy learnt bodies that pass there but are templates over the
-# held-out set (template share of greedy completions 0.14 -> 0.48 at 8 x 8, -> 0.33 at 16 x 4; see the README)
+# held-out set. Tried for 24 iterations from an SFT model with the BPE tokenizer, 100 held-out prompts: template
+# share of greedy completions 0.14 -> 0.48 at 8 x 8 (KL 2.1 nats), -> 0.33 at 16 x 4 (KL 1.7); solved with
+# arguments 0.14 -> 0.10 and 0.12, while the rollouts' reward rose (0.23 -> 0.46 and 0.41): a body that passes
+# within one rollout's prompts (`return self._closed()`) is a template across the held-out ones
 batch_size = 16
 group_size = 4
 max_new_tokens = 96
