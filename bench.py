@@ -6,13 +6,17 @@ Benchmark: how fast this machine trains and samples a given model, measured, not
     python bench.py --what=sample --vocab_size=50257 --sample_batch=16 --prompt_len=32 --new_tokens=128
     python bench.py --what=ppo --n_layer=6 --n_head=6 --n_embd=384 --vocab_size=50257 --sample_batch=16 \
         --prompt_len=32 --new_tokens=48 --ppo_epochs=4      # trl's PPO benchmark sizes (../shared/bench)
+    python bench.py --what=grpo --n_layer=4 --n_head=4 --n_embd=192 --vocab_size=50257 --sample_batch=16 --grpo_group=4 \
+        --prompt_len=64 --new_tokens=96      # GRPO (4 prompts x 4 samples) beside PPO (16 prompts)
 
 Prints
 - this device's float32 matmul throughput (the peak MFU is measured against),
 - training tokens/s, ms per step and MFU of train_lm.py's own loop (it runs train_lm.main on random tokens),
 - sampling tokens/s of GPT.generate with and without the KV cache, and the speed-up;
 - with --what=ppo, seconds per train_ppo.py iteration and its rollout / score / update split, on random-init
-  policy, reference and reward models of the given size (every response runs to new_tokens).
+  policy, reference and reward models of the given size (every response runs to new_tokens);
+- with --what=grpo, the same for train_grpo.py beside PPO's, with as many responses per iteration (sample_batch /
+  grpo_group prompts x grpo_group samples), and the ratio of their times.
 Training and sampling keys that config files for train_lm.py set are accepted and the others ignored, so
 the same config file works here.
 """
@@ -34,7 +38,7 @@ from model import GPT, GPTConfig
 
 @dataclass
 class Config(train_lm.Config):
-    what: Literal["all", "train", "sample", "ppo"] = "all"  # which measurements to take ('all': train and sample)
+    what: Literal["all", "train", "sample", "ppo", "grpo"] = "all"  # 'all': train and sample; 'grpo': GRPO and PPO
     vocab_size: int = 257  # random tokens from this vocabulary (257: byte tokenizer; 50304/50257: GPT-2)
     train_iters: int = 30  # timed training steps (after warmup_steps)
     warmup_steps: int = 5  # untimed steps first: allocation, compilation
@@ -44,7 +48,9 @@ class Config(train_lm.Config):
     sample_repeats: int = 3  # generate calls timed; the median is reported
     ppo_epochs: int = 1  # PPO epochs per iteration (--what=ppo); minibatch = the whole batch of sample_batch
     ppo_critic: Literal["shared", "separate"] = "shared"  # 'separate': a critic model of its own, as trl's PPO has
-    ppo_iters: int = 5  # timed PPO iterations, after one untimed
+    ppo_iters: int = 5  # timed PPO (and GRPO) iterations, after one untimed
+    grpo_group: int = 4  # --what=grpo: samples per prompt; sample_batch / grpo_group prompts, as many responses as PPO
+    grpo_kl: Literal["none", "k1", "k2", "k3"] = "k3"  # --what=grpo: its KL, k3 (with a reference pass, as PPO's)
 
 
 def bench_training(cfg, peak):
@@ -87,9 +93,9 @@ def bench_sampling(cfg, device, use_cache):
     return statistics.median(rates)
 
 
-def bench_ppo(cfg):
-    """train_ppo.py's own loop on random-init models: seconds per iteration and where they go."""
-    import train_ppo
+def random_rl_run(cfg, tmp):
+    """Random-init SFT and reward-model checkpoints of the given size in tmp, and prompts of exactly prompt_len
+    tokens; returns the arguments an RL stage needs to run on them."""
     from common import save_checkpoint
     from tokenizer import get_tokenizer
     tokenizer = "byte" if cfg.vocab_size <= 257 else "gpt2"
@@ -97,28 +103,55 @@ def bench_ppo(cfg):
     g = torch.Generator().manual_seed(0)
     # prompts of exactly prompt_len tokens that survive decode -> encode: words that are one token each
     words = [t for t in range(tok.n_vocab - 1) if tok.decode([t]).startswith(" ") and tok.decode([t])[1:].isalpha()]
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, head in (("sft", False), ("rm", True)):
-            model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
-                                  block_size=cfg.block_size, scalar_head=head))
-            save_checkpoint(os.path.join(tmp, name, "ckpt.pt"), {"model_args": vars(model.config),
-                                                                  "model": model.state_dict(), "tokenizer": tokenizer})
-        with open(os.path.join(tmp, "prompts.jsonl"), "w") as f:
-            for _ in range(4 * cfg.sample_batch):
-                ids = [words[i] for i in torch.randint(len(words), (cfg.prompt_len,), generator=g).tolist()]
-                f.write(json.dumps({"prompt": tok.decode(ids)}) + "\n")
-        out = os.path.join(tmp, "ppo")
-        train_ppo.main([f"--init_from={os.path.join(tmp, 'sft')}", f"--reward_model={os.path.join(tmp, 'rm')}",
-                        f"--prompts_file={os.path.join(tmp, 'prompts.jsonl')}",
-                        f"--eval_prompts={os.path.join(tmp, 'prompts.jsonl')}", "--eval_max_prompts=4",
-                        f"--out_dir={out}", f"--max_iters={cfg.ppo_iters + 1}", "--eval_interval=1000",
-                        f"--batch_size={cfg.sample_batch}", f"--minibatch_size={cfg.sample_batch}",
-                        f"--max_new_tokens={cfg.new_tokens}", f"--ppo_epochs={cfg.ppo_epochs}", f"--critic={cfg.ppo_critic}",
-                        f"--device={cfg.device}", f"--dtype={cfg.dtype}"])
-        rows = [r for r in read_jsonl_records(os.path.join(out, "metrics.jsonl")) if "rollout_s" in r][1:]
+    words = words or [t for t in range(tok.n_vocab - 1) if tok.decode([t]).isalpha()]  # bytes: the ASCII letters
+    for name, head in (("sft", False), ("rm", True)):
+        model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
+                              block_size=cfg.block_size, scalar_head=head))
+        save_checkpoint(os.path.join(tmp, name, "ckpt.pt"), {"model_args": vars(model.config),
+                                                              "model": model.state_dict(), "tokenizer": tokenizer})
+    with open(os.path.join(tmp, "prompts.jsonl"), "w") as f:
+        for _ in range(4 * cfg.sample_batch):
+            ids = [words[i] for i in torch.randint(len(words), (cfg.prompt_len,), generator=g).tolist()]
+            f.write(json.dumps({"prompt": tok.decode(ids)}) + "\n")
+    prompts = os.path.join(tmp, "prompts.jsonl")
+    return [f"--init_from={os.path.join(tmp, 'sft')}", f"--reward_model={os.path.join(tmp, 'rm')}",
+            f"--prompts_file={prompts}", f"--eval_prompts={prompts}", "--eval_max_prompts=4", "--eval_samples=2",
+            f"--max_iters={cfg.ppo_iters + 1}", "--eval_interval=1000", f"--max_new_tokens={cfg.new_tokens}",
+            f"--device={cfg.device}", f"--dtype={cfg.dtype}"]
+
+
+def iteration_times(metrics_path):
+    """Median seconds per iteration (the first one left out: allocation) and its rollout / score / update split."""
+    rows = [r for r in read_jsonl_records(metrics_path) if "rollout_s" in r][1:]
     split = {k: statistics.median(r[k] for r in rows) for k in ("rollout_s", "score_s", "update_s")}
     total = statistics.median(r["rollout_s"] + r["score_s"] + r["update_s"] for r in rows)
     return total, split, statistics.median(r["response_length"] for r in rows)
+
+
+def bench_ppo(cfg):
+    """train_ppo.py's own loop on random-init models: seconds per iteration and where they go."""
+    import train_ppo
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "ppo")
+        train_ppo.main(random_rl_run(cfg, tmp) + [
+            f"--out_dir={out}", f"--batch_size={cfg.sample_batch}", f"--minibatch_size={cfg.sample_batch}",
+            f"--ppo_epochs={cfg.ppo_epochs}", f"--critic={cfg.ppo_critic}"])
+        return iteration_times(os.path.join(out, "metrics.jsonl"))
+
+
+def bench_grpo(cfg):
+    """train_grpo.py's own loop on the same random-init models, with as many responses per iteration as PPO's
+    (sample_batch / grpo_group prompts x grpo_group samples), scored by the reward model, with a reference."""
+    import train_grpo
+    if cfg.sample_batch % cfg.grpo_group:
+        raise SystemExit(f"error: sample_batch={cfg.sample_batch} must be a multiple of grpo_group={cfg.grpo_group}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "grpo")
+        train_grpo.main(random_rl_run(cfg, tmp) + [
+            f"--out_dir={out}", "--reward=model", f"--batch_size={cfg.sample_batch // cfg.grpo_group}",
+            f"--group_size={cfg.grpo_group}", f"--update_epochs={cfg.ppo_epochs}", "--minibatch_size=0",
+            f"--kl={cfg.grpo_kl}"])
+        return iteration_times(os.path.join(out, "metrics.jsonl"))
 
 
 def main(argv=None):
@@ -147,14 +180,27 @@ def main(argv=None):
         results.update(sample_tokens_per_s_cached=cached, sample_tokens_per_s_uncached=uncached)
         print(f"sampling (batch {cfg.sample_batch}, prompt {cfg.prompt_len}, {cfg.new_tokens} new): "
               f"{cached:,.1f} tokens/s with the KV cache, {uncached:,.1f} without: {cached / uncached:.1f}x")
-    if cfg.what == "ppo":
+    lines = []
+    if cfg.what in ("ppo", "grpo"):
         total, split, length = bench_ppo(cfg)
+        ppo_length = length
         results.update(ppo_s_per_iter=total, **{f"ppo_{k}": v for k, v in split.items()})
-        print(f"PPO ({cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}, batch {cfg.sample_batch}, prompts of "
-              f"{cfg.prompt_len} tokens, responses of {length:.0f}, {cfg.ppo_epochs} epoch(s), {cfg.ppo_critic} critic): "
-              f"{total:.2f} s/iteration "
-              f"(median of {cfg.ppo_iters}): rollout {split['rollout_s']:.2f} s, score {split['score_s']:.2f} s, "
-              f"update {split['update_s']:.2f} s")
+        lines.append(f"PPO ({cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}, batch {cfg.sample_batch}, "
+                     f"prompts of {cfg.prompt_len} tokens, responses of {length:.0f}, {cfg.ppo_epochs} epoch(s), "
+                     f"{cfg.ppo_critic} critic): {total:.2f} s/iteration (median of {cfg.ppo_iters}): rollout "
+                     f"{split['rollout_s']:.2f} s, score {split['score_s']:.2f} s, update {split['update_s']:.2f} s")
+    if cfg.what == "grpo":
+        total, split, length = bench_grpo(cfg)
+        results.update(grpo_s_per_iter=total, **{f"grpo_{k}": v for k, v in split.items()})
+        lines.append(f"GRPO ({cfg.sample_batch // cfg.grpo_group} prompts x {cfg.grpo_group} samples, responses of "
+                     f"{length:.0f}, {cfg.ppo_epochs} epoch(s), KL {cfg.grpo_kl}): {total:.2f} s/iteration (median of "
+                     f"{cfg.ppo_iters}): rollout {split['rollout_s']:.2f} s, score {split['score_s']:.2f} s, "
+                     f"update {split['update_s']:.2f} s")
+        # with a small vocabulary a random model samples end-of-text now and then: compare at equal lengths only
+        lines.append(f"GRPO / PPO time per iteration, {cfg.sample_batch} responses each: "
+                     f"{results['grpo_s_per_iter'] / results['ppo_s_per_iter']:.2f} (mean response lengths "
+                     f"{length:.0f} and {ppo_length:.0f} tokens)")
+    print("\n".join(lines))
     return results
 
 

@@ -51,9 +51,10 @@ class Config(RunConfig):
 def ranked_pairs(reference, samples, rng, max_pairs):
     """[(chosen, rejected)] for one prompt from its [(response, grade)] samples: each distinct response that does not
     solve the prompt (an empty one too: saying nothing is a bad answer) against a sample that does, or against the
-    real body if the model wrote none. The lowest grades are paired first."""
+    real body if the model wrote none. The closest misses are paired first: a valid body that ignores the arguments
+    teaches the difference the task is about, where broken syntax is plentiful among prepare.py's made-up pairs."""
     good = sorted({r for r, g in samples if g == task.SOLVED})
-    bad = sorted({(g, r) for r, g in samples if g < task.SOLVED}, key=lambda gr: (gr[0], rng.random()))
+    bad = sorted({(g, r) for r, g in samples if g < task.SOLVED}, key=lambda gr: (-gr[0], rng.random()))
     return [(rng.choice(good) if good else reference, r) for _, r in bad[:max_pairs]]
 
 

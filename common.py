@@ -598,7 +598,8 @@ def read_meta(data_dir):
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}; make the dataset again: {prepare_hint(data_dir)}")
     spec = meta["tokenizer"]
-    if not (spec in TOKENIZERS or isinstance(spec, dict) and spec.get("kind") == "bpe" and "tokens" in spec):
+    known = spec.get("kind") == "bpe" and "tokens" in spec if isinstance(spec, dict) else spec in TOKENIZERS
+    if not known:
         raise UserError(f"{path} names an unknown tokenizer {spec!r}; make the dataset again: "
                         f"{prepare_hint(data_dir)}")
     return meta

@@ -7,12 +7,13 @@ The GPT: one decoder-only Transformer with GPT-2's architecture, written out in 
     hidden states -> scalar_head (optional) -> one number per position: a PPO value or a reward
 
 Every later stage imports this file: train_lm.py pretrains it, train_sft.py fine-tunes it, train_rm.py reads a
-reward from its scalar head, train_ppo.py samples from it with `generate` and trains it.
+reward from its scalar head, train_ppo.py and train_grpo.py sample from it with `generate` and train it.
 
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=257))
     logits, loss = model(idx, targets)            # logits: (B, T, vocab) for every position
     out = model.generate(idx, max_new_tokens=50, temperature=0.8, top_k=40, eot_token=256)
+    out, logp = model.generate(idx, 50, num_samples=8, return_logprobs=True)   # 8 samples per prompt, prefilled once
     gpt2 = GPT.from_pretrained('gpt2')            # or a local Hugging Face directory
 """
 import json
@@ -149,6 +150,10 @@ class KVCache:
         """Beam search: beam i continues from beam index[i], so its past must move with it."""
         self.k, self.v = self.k[:, index], self.v[:, index]
 
+    def repeat(self, n):
+        """Each row n times in a row (row b -> rows b*n .. b*n+n-1): n samples continue from one prefilled prompt."""
+        self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+
 
 class GPT(nn.Module):
 
@@ -247,7 +252,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, attention_mask=None, temperature=1.0, top_k=None, top_p=None,
                  greedy=False, num_beams=1, eot_token=None, crop_prompt=False, use_cache=True, generator=None,
-                 return_logprobs=False, return_values=False):
+                 return_logprobs=False, return_values=False, num_samples=1):
         """Continue each row of idx (B, T) by up to max_new_tokens tokens.
 
         Rows may be left-padded: attention_mask (B, T) marks real tokens with 1. A row stops at eot_token and
@@ -256,7 +261,17 @@ class GPT(nn.Module):
         log-probabilities of the chosen tokens under the distribution they were drawn from (after temperature,
         top-k and top-p; 0 after a row stopped), which PPO stores as log pi_old; with return_values also (B, n)
         the scalar head's value of the state each token was chosen in (0 after a row stopped), PPO's V(s_t).
+
+        num_samples = G > 1 continues each prompt G times: the outputs have B * G rows, prompt b's samples in rows
+        b*G .. b*G+G-1, exactly as if idx.repeat_interleave(G, 0) had been passed (same tokens for the same
+        generator). The prompts are run once and their KV cache copied G times (GRPO's group of samples).
         """
+        if num_samples > 1 and (not use_cache or num_beams > 1):  # no cache to share: repeat the prompts
+            idx = idx.repeat_interleave(num_samples, dim=0)
+            if attention_mask is not None:
+                attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
+            num_samples = 1
+        G = num_samples
         B, T = idx.shape
         greedy = greedy or temperature == 0  # the limit of T -> 0: all the probability on the largest logit
         block_size = self.config.block_size
@@ -276,15 +291,19 @@ class GPT(nn.Module):
 
         cache = KVCache(self.config.n_layer, T + max_new_tokens) if use_cache else None
         mask = attention_mask
-        new_tokens = idx.new_full((B, max_new_tokens), eot_token if eot_token is not None else 0)
-        logprobs = torch.zeros(B, max_new_tokens, device=idx.device)
-        values = torch.zeros(B, max_new_tokens, device=idx.device)
-        rows = torch.arange(B, device=idx.device)  # the rows still being computed
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        new_tokens = idx.new_full((B * G, max_new_tokens), eot_token if eot_token is not None else 0)
+        logprobs = torch.zeros(B * G, max_new_tokens, device=idx.device)
+        values = torch.zeros(B * G, max_new_tokens, device=idx.device)
+        rows = torch.arange(B * G, device=idx.device)  # the rows still being computed
+        done = torch.zeros(B * G, dtype=torch.bool, device=idx.device)
         next_input, n = idx, 0
         for n in range(1, max_new_tokens + 1):
             if use_cache:
                 h = self.hidden_states(next_input, mask, cache)[:, -1]  # first call: the prompt; then one token
+                if n == 1 and G > 1:  # the prompts' keys, values and last state, once per sample from here on
+                    h = h.repeat_interleave(G, dim=0)
+                    mask = mask.repeat_interleave(G, dim=0) if mask is not None else None
+                    cache.repeat(G)
             else:
                 h = self.hidden_states(torch.cat([idx, new_tokens[:, :n - 1]], dim=1), mask)[:, -1]  # whole prefix
             # the temperature: lm_head(h) / T = lm_head(h / T), and h is 130x smaller than GPT-2's logits
@@ -311,7 +330,7 @@ class GPT(nn.Module):
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             next_input = token[:, None]
-        tokens = torch.cat([idx, new_tokens[:, :n]], dim=1)
+        tokens = torch.cat([idx.repeat_interleave(G, dim=0), new_tokens[:, :n]], dim=1)
         extras = []
         if return_logprobs:
             extras.append(logprobs[:, :n])

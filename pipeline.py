@@ -1,7 +1,8 @@
 """
 The whole recipe at the small scale in one command: prepare -> pretrain -> SFT -> comparisons of the SFT model's
-samples -> reward model -> PPO, and DPO (from the same SFT model, with no reward model), then a report with every
-stage's numbers and plots and SFT, PPO and DPO side by side on the same held-out prompts. Each stage is exactly the
+samples -> reward model -> PPO, GRPO (critic-free, on the task's judge) and DPO (from the same SFT model, with no
+reward model), then a report with every stage's numbers and plots and SFT, PPO, GRPO and DPO side by side on the
+same held-out prompts. Each stage is exactly the
 command you could type yourself; it is printed as it starts.
 
 RL results vary from seed to seed, so every RL stage runs once per seed (--seeds, 3 by default) from the same SFT
@@ -29,13 +30,15 @@ from common import cpu_flags, format_duration, load_config, plot_curves, read_js
 from tasks import pycode as task
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-STAGE_NAMES = ("prepare", "pretrain", "sft", "pairs", "rm", "ppo", "dpo")
-RL_STAGES = {"ppo": ("PPO", "train_ppo.py", "config/ppo_small.py"), "dpo": ("DPO", "train_dpo.py", "config/dpo_small.py")}
+STAGE_NAMES = ("prepare", "pretrain", "sft", "pairs", "rm", "ppo", "grpo", "dpo")
+RL_STAGES = {"ppo": ("PPO", "train_ppo.py", "config/ppo_small.py"),
+             "grpo": ("GRPO", "train_grpo.py", "config/grpo_small.py"),
+             "dpo": ("DPO", "train_dpo.py", "config/dpo_small.py")}
 
 
 @dataclass
 class Config:
-    redo: Literal["none", "all", "prepare", "pretrain", "sft", "pairs", "rm", "ppo", "dpo"] = "none"  # it and all after
+    redo: Literal["none", "all", "prepare", "pretrain", "sft", "pairs", "rm", "ppo", "grpo", "dpo"] = "none"  # +after
     out: str = "out"  # where the stages' out_dirs and report.md go
     seeds: int = 3  # each RL stage runs with seeds 1..seeds; the report gives mean, min and max over them
     long_run: bool = True  # the first seed of each RL stage runs to twice the config's iterations
@@ -66,7 +69,7 @@ def stages(cfg):
     out = lambda name: os.path.join(cfg.out, name)
     custom = cfg.out != "out" or cfg.tiny
     extra = {name: ([f"--out_dir={out(name)}"] if custom else [])
-             for name in ("lm_small", "sft_small", "pairs_small", "rm_small", "ppo_small", "dpo_small")}
+             for name in ("lm_small", "sft_small", "pairs_small", "rm_small", "ppo_small", "grpo_small", "dpo_small")}
     prepare = [py, "data/pycode/prepare.py"]
     if cfg.tiny:
         prepare += [f"--out_dir={data}", "--max_files=120", "--val_every=3"]
@@ -81,6 +84,10 @@ def stages(cfg):
         extra["ppo_small"] += [f"--prompts_file={data}/prompts_train.jsonl", f"--eval_prompts={data}/prompts_eval.jsonl",
                                "--max_iters=2", "--eval_interval=1", "--eval_max_prompts=16", "--batch_size=8",
                                "--minibatch_size=4", "--max_new_tokens=32", "--eval_samples=2"]
+        extra["grpo_small"] += [f"--prompts_file={data}/prompts_train.jsonl",
+                                f"--eval_prompts={data}/prompts_eval.jsonl", "--max_iters=2", "--eval_interval=1",
+                                "--eval_max_prompts=16", "--batch_size=4", "--group_size=2", "--max_new_tokens=32",
+                                "--eval_samples=2"]
         extra["dpo_small"] += [f"--train_file={data}/pref_train.jsonl", f"--val_file={data}/pref_val.jsonl",
                                f"--eval_prompts={data}/prompts_eval.jsonl", "--max_iters=4", "--eval_interval=2",
                                "--eval_max_prompts=16", "--batch_size=8", "--max_new_tokens=32", "--log_interval=2",
@@ -91,6 +98,7 @@ def stages(cfg):
         extra["rm_small"] += [f"--init_from={out('sft_small')}"] + [
             f"--{split}_file={data}/pref_{split}.jsonl,{out('pairs_small')}/pref_{split}.jsonl" for split in ("train", "val")]
         extra["ppo_small"] += [f"--init_from={out('sft_small')}", f"--reward_model={out('rm_small')}"]
+        extra["grpo_small"] += [f"--init_from={out('sft_small')}", f"--reward_model={out('rm_small')}"]
         extra["dpo_small"] += [f"--init_from={out('sft_small')}"]
     runs = [
         Run("prepare", prepare, os.path.join(data, "meta.json"), data),

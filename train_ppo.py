@@ -40,6 +40,7 @@ class Config(RunConfig):
     init_from: str = "out/sft"  # the SFT out_dir the policy (and the frozen reference) start from; or 'resume'
     reward_model: str = "out/rm"  # the train_rm.py out_dir whose model scores responses
     reward: Literal["model", "task"] = "model"  # 'task': the task's judge, 1 if a response solves its prompt, else 0
+    template_window: int = field(256, min=0)  # reward='task': earlier responses judged beside each rollout (templates)
     prompts_file: str = "data/pycode/prompts_train.jsonl"  # rollout prompts {"prompt": ...}
     eval_prompts: str = "data/pycode/prompts_eval.jsonl"  # held-out prompts for the before/after evaluation
     eval_max_prompts: int = field(0, min=0)  # evaluate on this many held-out prompts; 0 means all of them
@@ -185,15 +186,20 @@ def response_mask(responses, eot_token):
     return (~after_eot).float()
 
 
-def task_scores(tok, prompts, responses, mask):
-    """The task's judge as a reward: 1.0 for each response that solves its prompt, else 0.0 (tasks/pycode.py)."""
-    texts = [tok.decode([t for t, keep in zip(row, m) if keep and t != tok.eot_token])
-             for row, m in zip(responses.tolist(), mask.tolist())]
-    ended = (responses == tok.eot_token).any(dim=1).tolist()
-    return torch.tensor(task.reward(prompts, texts, ended))
+def task_scorer(tok, recent, window):
+    """The task's judge as a reward (tasks/pycode.py): 1.0 for each response that solves its prompt, else 0.0.
+    The last `window` responses scored before (`recent`, [prompt, text] pairs, kept in the checkpoint) are judged
+    beside each batch, so that a body the policy gives to prompts of different rollouts counts as a template."""
+    def score(prompts, responses, mask):
+        texts = [tok.decode([t for t, keep in zip(row, m) if keep and t != tok.eot_token])
+                 for row, m in zip(responses.tolist(), mask.tolist())]
+        ended = (responses == tok.eot_token).any(dim=1).tolist()
+        scores = task.reward(prompts, texts, ended, context=[tuple(pair) for pair in recent[-window:]] if window else ())
+        recent.extend([p, t] for p, t in zip(prompts, texts))
+        del recent[:-window or len(recent)]
+        return torch.tensor(scores)
+    return score
 
-
-# --------------------------------------------------------------------------------------------------------------
 
 def evaluate(policy, ref, reward_model, tok, eval_set, cfg, rt):
     """The task's held-out measures (tasks/pycode.py) of the policy, with the reward model's mean score of its
@@ -226,8 +232,9 @@ def main(argv=None, score_fn=None):
     shared = cfg.critic == "shared"
     policy = model_from_checkpoint(sft_ckpt, sft_source, dropout=0.0, scalar_head=shared)
     ref = model_from_checkpoint(sft_ckpt, sft_source, dropout=0.0, scalar_head=False).eval().requires_grad_(False)
+    recent = list(ckpt.get("recent", [])) if ckpt else []  # the task reward's memory of earlier responses
     if score_fn is None and cfg.reward == "task":
-        score_fn = lambda texts, responses, mask: task_scores(tok, texts, responses, mask)
+        score_fn = task_scorer(tok, recent, cfg.template_window)
     reward_model, rm_stats, critic = None, (0.0, 1.0), None
     if score_fn is None or not shared:
         rm_ckpt = load_checkpoint(cfg.reward_model, hint="make it with `python train_rm.py config/rm_small.py`")
@@ -292,7 +299,7 @@ def main(argv=None, score_fn=None):
             "critic": critic.state_dict() if critic is not None else None, "optimizer": optimizer.state_dict(),
             "iter_num": iter_num, "kl_coef": kl_ctl.beta, "config": asdict(cfg), "rng": rng_state(),
             "tokenizer": tok.spec, "before": before, "template": cfg.template, "sft_source": sft_source,
-            "eval": last_eval, "completions": after_completions[:cfg.eval_samples_shown]})
+            "eval": last_eval, "completions": after_completions[:cfg.eval_samples_shown], "recent": recent})
 
     with StopRequest() as stop:
         for it in range(start_iter, cfg.max_iters + 1):

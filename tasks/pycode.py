@@ -203,10 +203,14 @@ def judge(prompts, completions, ended=None, template_prompts=TEMPLATE_PROMPTS):
     return verdicts
 
 
-def reward(prompts, completions, ended=None, template_prompts=TEMPLATE_PROMPTS):
-    """The task's verifiable reward, for RL: 1.0 for a completion that solves its prompt, else 0.0 (judged
-    together, so a template is caught as soon as three prompts of the batch share it)."""
-    return [float(v["solved"]) for v in judge(prompts, completions, ended, template_prompts)]
+def reward(prompts, completions, ended=None, context=(), template_prompts=TEMPLATE_PROMPTS):
+    """The task's verifiable reward, for RL: 1.0 for a completion that solves its prompt, else 0.0. The completions
+    are judged together with `context`, earlier (prompt, completion) pairs that get no reward of their own: a batch
+    of a few prompts rarely shows a template three times, but a body reused across the last rollouts is caught."""
+    ended = [True] * len(completions) if ended is None else list(ended)
+    verdicts = judge([p for p, _ in context] + list(prompts), [c for _, c in context] + list(completions),
+                     [True] * len(context) + ended, template_prompts)
+    return [float(v["solved"]) for v in verdicts[len(context):]]
 
 
 SOLVED = 3  # the top grade

@@ -25,10 +25,10 @@ def test_each_sample_that_does_not_solve_is_paired_with_one_that_does_or_the_ref
     samples = [("    return a + b\n", 3), ("    return (a\n", 0), ("    return (a\n", 0), ("    return 1\n", 2),
                ("   \n", 1)]
     pairs = collect_pairs.ranked_pairs("    return b + a\n", samples, rng, max_pairs=5)
-    # distinct unsolved responses only (a blank one too), each against the solving sample, lowest grades first
-    assert pairs == [("    return a + b\n", "    return (a\n"), ("    return a + b\n", "   \n"),
-                     ("    return a + b\n", "    return 1\n")]
-    assert collect_pairs.ranked_pairs("ref", samples, rng, max_pairs=1) == [("    return a + b\n", "    return (a\n")]
+    # distinct unsolved responses only (a blank one too), each against the solving sample, closest misses first
+    assert pairs == [("    return a + b\n", "    return 1\n"), ("    return a + b\n", "   \n"),
+                     ("    return a + b\n", "    return (a\n")]
+    assert collect_pairs.ranked_pairs("ref", samples, rng, max_pairs=1) == [("    return a + b\n", "    return 1\n")]
     # no sample solves the prompt: the real body is the chosen response
     assert collect_pairs.ranked_pairs("    return b + a\n", [("    return 1\n", 2)], rng, 2) == [
         ("    return b + a\n", "    return 1\n")]

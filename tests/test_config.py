@@ -9,6 +9,7 @@ import pytest
 import collect_pairs
 import sample
 import train_dpo
+import train_grpo
 import train_lm
 import train_ppo
 import train_rm
@@ -102,7 +103,7 @@ def test_a_range_declared_with_the_key_is_checked_and_shown_in_help(tmp_path):
 
 
 STAGES = {"lm": train_lm, "sft": train_sft, "rm": train_rm, "ppo": train_ppo, "dpo": train_dpo,
-          "pairs": collect_pairs, "sample": sample}
+          "pairs": collect_pairs, "sample": sample, "grpo": train_grpo}
 
 
 @pytest.mark.parametrize("stage, arg, message", [

@@ -316,3 +316,30 @@ def test_temperature_zero_is_greedy_decoding():
     assert torch.equal(out[:, 4:], logits[:, 3:-1].argmax(-1))  # each new token is the most likely one
     assert torch.equal(out, model.generate(idx, 6, greedy=True))
     assert torch.isfinite(logprobs).all()
+
+
+def test_a_shared_prompt_cache_samples_what_the_prompt_repeated_g_times_does(monkeypatch):
+    model = tiny(scalar_head=True)
+    idx = torch.randint(0, 36, (3, 6))
+    mask = torch.ones_like(idx)
+    mask[1, :2] = 0  # a left-padded prompt
+    G = 5
+    kw = dict(attention_mask=mask, temperature=1.3, eot_token=36, return_logprobs=True, return_values=True)
+    inputs, forward = [], model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda x, *a, **k: inputs.append(tuple(x.shape)) or forward(x, *a, **k))
+    shared = model.generate(idx, 12, num_samples=G, generator=torch.Generator().manual_seed(7), **kw)
+    assert inputs[0] == (3, 6) and inputs[1] == (3 * G, 1)  # the prompts run once, then G rows of one token each
+    monkeypatch.undo()
+    repeated = model.generate(idx.repeat_interleave(G, 0), 12, generator=torch.Generator().manual_seed(7),
+                              **{**kw, "attention_mask": mask.repeat_interleave(G, 0)})
+    tokens, logprobs, values = shared
+    assert tokens.shape[0] == 3 * G and torch.equal(tokens, repeated[0])  # prompt b's samples: rows b*G .. b*G+G-1
+    assert torch.equal(tokens[:, :6], idx.repeat_interleave(G, 0))
+    assert torch.allclose(logprobs, repeated[1], atol=1e-5) and torch.allclose(values, repeated[2], atol=1e-5)
+    ended_early = (tokens[:, 6:-1] == 36).any(dim=1)
+    assert ended_early.any() and not ended_early.all(), "the test needs rows that stop while others go on"
+    assert len({tuple(r) for r in tokens[:G, 6:].tolist()}) > 1  # the samples of one prompt differ
+    # without a cache there is nothing to share: the prompts are repeated, with the same result
+    uncached = model.generate(idx, 12, num_samples=G, generator=torch.Generator().manual_seed(7), use_cache=False,
+                              **kw)
+    assert torch.equal(uncached[0], tokens) and torch.allclose(uncached[1], logprobs, atol=1e-5)

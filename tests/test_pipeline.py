@@ -1,6 +1,7 @@
-"""pipeline.py: the whole recipe at a tiny size runs every stage, the RL stages once per seed (the first seed to
-twice the iterations), each leaving a checkpoint, metrics and a plot; the report has every section, with SFT and the
-RL stages side by side as mean (min–max) over seeds, and one plot per RL stage with every seed's curves."""
+"""pipeline.py: the whole recipe at a tiny size runs every stage, the RL stages (PPO, GRPO, DPO) once per seed (the
+first seed to twice the iterations), each leaving a checkpoint, metrics and a plot; the report has every section,
+with SFT and the RL stages side by side as mean (min–max) over seeds, and one plot per RL stage with every seed's
+curves."""
 import os
 
 import pipeline
@@ -16,7 +17,7 @@ def test_tiny_pipeline_runs_every_stage_over_seeds_and_writes_the_report(tmp_pat
         for name in ("ckpt.pt", "metrics.jsonl", plot):
             assert os.path.exists(os.path.join(out, stage, name)), (stage, name)
         assert load_checkpoint(os.path.join(out, stage))["tokenizer"] == tokenizer
-    for stage, plot in (("ppo_small", "ppo.png"), ("dpo_small", "dpo.png")):
+    for stage, plot in (("ppo_small", "ppo.png"), ("grpo_small", "grpo.png"), ("dpo_small", "dpo.png")):
         for seed in (1, 2):
             run = os.path.join(out, stage, f"seed{seed}")
             for name in ("ckpt.pt", "metrics.jsonl", plot, "report.md"):
@@ -32,18 +33,21 @@ def test_tiny_pipeline_runs_every_stage_over_seeds_and_writes_the_report(tmp_pat
     for section in ("## Results", "pretrain | val loss", "SFT | solved, functions with arguments",
                     "RM | held-out accuracy", "pairs | SFT samples that solve their prompt", "RM | accuracy: sampled",
                     "RM | accuracy: truncated", "## SFT and the RL stages on the held-out prompts",
-                    "| measure | SFT | PPO (2 seeds) | DPO (2 seeds) |", "| solved, functions with arguments |",
+                    "| measure | SFT | PPO (2 seeds) | GRPO (2 seeds) | DPO (2 seeds) |",
+                    "| solved, functions with arguments |",
                     "| template share |", "| similarity to real body (chrF) |", "| KL to SFT (nats/response) |",
-                    "![PPO](ppo_seeds.png)", "![DPO](dpo_seeds.png)", "## Before and after PPO (seed 1)",
+                    "![PPO](ppo_seeds.png)", "![GRPO](grpo_seeds.png)", "![DPO](dpo_seeds.png)",
+                    "## Before and after PPO (seed 1)", "## Before and after GRPO (seed 1)",
                     "## Before and after DPO (seed 1)", "at commit", "wall time", "- PPO: solved on functions"):
         assert section in report, section
     row = next(line for line in report.splitlines() if line.startswith("| solved, functions with arguments |"))
-    assert row.count("–") == 2 * 1  # each RL column is 'mean (min–max)' over the two seeds; SFT is one number
+    assert row.count("–") == 3 * 1  # each RL column is 'mean (min–max)' over the two seeds; SFT is one number
     printed = capsys.readouterr().out
     assert "[pretrain] $ python train_lm.py config/lm_small.py" in printed
     assert "[dpo] $ python train_dpo.py config/dpo_small.py" in printed and "--seed=2" in printed
+    assert "[grpo] $ python train_grpo.py config/grpo_small.py" in printed
     assert "[pairs] $ python collect_pairs.py config/pairs_small.py" in printed
     # a second run skips every finished run: 5 stages and 2 seeds of each RL stage
     pipeline.main(["--tiny=True", f"--out={out}", "--seeds=2"])
-    assert capsys.readouterr().out.count("done already") == 5 + 2 * 2
+    assert capsys.readouterr().out.count("done already") == 5 + 3 * 2
     assert read_jsonl_records(os.path.join(out, "ppo_small", "seed1", "metrics.jsonl"))

@@ -228,3 +228,23 @@ def test_a_separate_critic_starts_from_the_reward_model_and_learns_alongside(tmp
     critic = load_checkpoint(str(tmp_path / "ppo"))["critic"]
     assert set(critic) == set(rm.state_dict())  # the critic is a model of the reward model's shape...
     assert not torch.equal(critic["scalar_head.weight"], rm.state_dict()["scalar_head.weight"])  # ...that learnt
+
+
+def test_the_task_reward_remembers_the_last_responses_so_templates_across_rollouts_score_zero():
+    from tokenizer import get_tokenizer
+    tok = get_tokenizer("byte")
+    prompts = [f'def f{i}(v{i}):\n    """Doc {i}."""\n' for i in range(4)]
+    recent = []
+    score = train_ppo.task_scorer(tok, recent, window=3)
+
+    def rollout(indices, body):
+        responses = [list(body.replace("V", f"v{i}").encode()) + [tok.eot_token] for i in indices]
+        ids = torch.tensor([r + [tok.eot_token] * (12 - len(r)) for r in responses])
+        return score([prompts[i] for i in indices], ids, train_ppo.response_mask(ids, tok.eot_token)).tolist()
+
+    assert rollout([0], "    return V\n") == [1.0]
+    assert rollout([1], "    return V\n") == [1.0]  # two prompts share the body: not yet a template
+    assert rollout([2], "    return V\n") == [0.0]  # the third, in another rollout: a template
+    assert len(recent) == 3 and recent[-1] == [prompts[2], "    return v2\n"]
+    rollout([3], "    return V + 1\n")
+    assert [p for p, _ in recent] == prompts[1:]  # the window keeps the last 3 responses

@@ -95,6 +95,10 @@ def test_reward_is_one_for_a_solving_completion_judged_with_the_batch():
     prompts = [f'def f{i}(v{i}):\n    """Doc {i}."""\n' for i in range(3)]
     assert task.reward(prompts[:1], ["    return v0 + 1\n"]) == [1.0]
     assert task.reward(prompts, [f"    return v{i} + 1\n" for i in range(3)]) == [0.0, 0.0, 0.0]  # a template
+    # earlier responses judged beside the batch: the same body for two earlier prompts makes it a template now
+    earlier = [(prompts[1], "    return v1 + 1\n"), (prompts[2], "    return v2 + 1\n")]
+    assert task.reward(prompts[:1], ["    return v0 + 1\n"], context=earlier) == [0.0]
+    assert task.reward(prompts[:1], ["    return v0 + 1\n"], context=earlier[:1]) == [1.0]
 
 
 # ------------------------------------------------------------------------------------------------------------
