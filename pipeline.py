@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from common import cpu_flags, format_duration, load_config, plot_curves, read_jsonl_records, UserError, write_atomic
+from common import (cpu_flags, field, format_duration, load_config, plot_curves, read_jsonl_records, UserError,
+                    write_atomic)
 from tasks import pycode as task
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -40,8 +41,9 @@ RL_STAGES = {"ppo": ("PPO", "train_ppo.py", "config/ppo_small.py"),
 class Config:
     redo: Literal["none", "all", "prepare", "pretrain", "sft", "pairs", "rm", "ppo", "grpo", "dpo"] = "none"  # +after
     out: str = "out"  # where the stages' out_dirs and report.md go
-    seeds: int = 3  # each RL stage runs with seeds 1..seeds; the report gives mean, min and max over them
+    seeds: int = field(3, min=1)  # each RL stage runs with seeds 1..seeds; the report gives mean, min and max
     long_run: bool = True  # the first seed of each RL stage runs to twice the config's iterations
+    jobs: int = field(2, min=1)  # RL runs at once, one thread each: on 2 cores, two such runs beat one after the other
     tiny: bool = False  # seconds, not minutes: tiny models and data, to check that the plumbing works
 
 
@@ -88,8 +90,7 @@ def stages(cfg):
                                 f"--eval_prompts={data}/prompts_eval.jsonl", "--max_iters=2", "--eval_interval=1",
                                 "--eval_max_prompts=16", "--batch_size=4", "--group_size=2", "--max_new_tokens=32",
                                 "--eval_samples=2"]
-        extra["dpo_small"] += [f"--train_file={data}/pref_train.jsonl", f"--val_file={data}/pref_val.jsonl",
-                               f"--eval_prompts={data}/prompts_eval.jsonl", "--max_iters=4", "--eval_interval=2",
+        extra["dpo_small"] += [f"--eval_prompts={data}/prompts_eval.jsonl", "--max_iters=4", "--eval_interval=2",
                                "--eval_max_prompts=16", "--batch_size=8", "--max_new_tokens=32", "--log_interval=2",
                                "--eval_samples=2"]
     if custom:
@@ -99,7 +100,8 @@ def stages(cfg):
             f"--{split}_file={data}/pref_{split}.jsonl,{out('pairs_small')}/pref_{split}.jsonl" for split in ("train", "val")]
         extra["ppo_small"] += [f"--init_from={out('sft_small')}", f"--reward_model={out('rm_small')}"]
         extra["grpo_small"] += [f"--init_from={out('sft_small')}", f"--reward_model={out('rm_small')}"]
-        extra["dpo_small"] += [f"--init_from={out('sft_small')}"]
+        extra["dpo_small"] += [f"--init_from={out('sft_small')}"] + [
+            f"--{split}_file={out('pairs_small')}/pref_{split}.jsonl" for split in ("train", "val")]
     runs = [
         Run("prepare", prepare, os.path.join(data, "meta.json"), data),
         Run("pretrain", [py, "train_lm.py", "config/lm_small.py"] + extra["lm_small"], "loss.png", out("lm_small")),
@@ -116,18 +118,26 @@ def stages(cfg):
                             f"every seed is evaluated at its last iteration")
         for seed in range(1, cfg.seeds + 1):
             out_dir = os.path.join(out(f"{stage}_small"), f"seed{seed}")
-            longer = [f"--max_iters={2 * max_iters}"] if seed == 1 and cfg.long_run else []
+            # the long run: twice the iterations, evaluated twice as often, so its curve shows what comes after
+            longer = ([f"--max_iters={2 * max_iters}", f"--eval_interval={max_iters // 2 or 1}"]
+                      if seed == 1 and cfg.long_run else [])
             runs.append(Run(stage, [py, script, config_file] + args + [f"--out_dir={out_dir}", f"--seed={seed}"]
                             + longer, "report.md", out_dir, seed, max_iters))
     return runs
 
 
 def run_stages(cfg):
-    """Run each stage that has not finished (or that --redo asks for); return {stage: seconds}."""
+    """Run each stage that has not finished (or that --redo asks for); return {stage: seconds}. The stages before
+    RL run one after the other; the RL runs (every seed of every RL stage) then run cfg.jobs at a time."""
     timings_path = os.path.join(cfg.out, "timings.json")
     timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
     redo_from = STAGE_NAMES.index(cfg.redo) if cfg.redo in STAGE_NAMES else (0 if cfg.redo == "all" else None)
-    redone = set()
+    redone, rl_runs = set(), []
+
+    def save_timings():
+        os.makedirs(os.path.join(ROOT, cfg.out), exist_ok=True)
+        write_atomic(os.path.join(ROOT, timings_path), lambda f: f.write(json.dumps(timings, indent=1).encode()))
+
     for run in stages(cfg):
         done_path = run.done if run.stage == "prepare" else os.path.join(run.out_dir, run.done)
         again = redo_from is not None and STAGE_NAMES.index(run.stage) >= redo_from
@@ -137,18 +147,64 @@ def run_stages(cfg):
         if run.stage not in redone:  # a stage's time is the sum of its runs, counted afresh when it runs again
             timings[run.stage] = 0.0
             redone.add(run.stage)
-        shown = " ".join(shlex.quote(c) for c in ["python"] + run.cmd[1:])
-        print(f"\n[{run.stage}] $ {shown}", flush=True)
+        if run.stage in RL_STAGES:
+            rl_runs.append(run)
+            continue
+        print(f"\n[{run.stage}] $ {shown(run.cmd)}", flush=True)
         t0 = time.time()
-        result = subprocess.run(run.cmd, cwd=ROOT)
-        if result.returncode != 0:
-            raise UserError(f"stage '{run.stage}' failed (exit status {result.returncode}); see its output above. "
-                            f"Fix it and run `python pipeline.py` again: finished stages are skipped")
+        if subprocess.run(run.cmd, cwd=ROOT).returncode != 0:
+            raise UserError(f"stage '{run.stage}' failed; see its output above. Fix it and run `python pipeline.py` "
+                            f"again: finished stages are skipped")
         timings[run.stage] += time.time() - t0
-        os.makedirs(os.path.join(ROOT, cfg.out), exist_ok=True)
-        write_atomic(os.path.join(ROOT, timings_path), lambda f: f.write(json.dumps(timings, indent=1).encode()))
+        save_timings()
         print(f"[{run.stage}] finished in {format_duration(time.time() - t0)}")
+    if rl_runs:
+        t0 = time.time()
+        run_in_parallel(rl_runs, cfg.jobs, timings, save_timings)
+        timings["rl_wall"] = time.time() - t0  # the RL runs' wall time, shorter than their sum when run in parallel
+        save_timings()
     return timings
+
+
+def shown(cmd):
+    return " ".join(shlex.quote(c) for c in ["python"] + cmd[1:])
+
+
+def run_in_parallel(runs, jobs, timings, save_timings):
+    """Run independent runs `jobs` at a time. With more than one at a time, each gets one thread (two processes of
+    two threads each on two cores spin against each other) and writes its output to out_dir/log.txt."""
+    env = dict(os.environ, OMP_NUM_THREADS="1") if jobs > 1 else None
+    pending, running = list(runs), []
+    while pending or running:
+        while pending and len(running) < jobs:
+            run = pending.pop(0)
+            name = f"{run.stage} seed {run.seed}"
+            if jobs > 1:
+                os.makedirs(os.path.join(ROOT, run.out_dir), exist_ok=True)
+                log = open(os.path.join(ROOT, run.out_dir, "log.txt"), "w")
+                print(f"\n[{name}] $ {shown(run.cmd)}   (output: {os.path.join(run.out_dir, 'log.txt')})", flush=True)
+            else:
+                log = None
+                print(f"\n[{name}] $ {shown(run.cmd)}", flush=True)
+            proc = subprocess.Popen(run.cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
+            running.append((run, name, proc, log, time.time()))
+        time.sleep(0.5)
+        for item in list(running):
+            run, name, proc, log, t0 = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            if log:
+                log.close()
+            if proc.returncode != 0:
+                for _, _, other, _, _ in running:
+                    other.terminate()  # stops after its current step and saves a checkpoint (StopRequest)
+                tail = open(os.path.join(ROOT, run.out_dir, "log.txt")).read()[-2000:] if log else ""
+                raise UserError(f"'{name}' failed (exit status {proc.returncode}){'; the end of its output:' if tail else ''}"
+                                f"\n{tail}\nFix it and run `python pipeline.py` again: finished runs are skipped")
+            timings[run.stage] += time.time() - t0
+            save_timings()
+            print(f"[{name}] finished in {format_duration(time.time() - t0)}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -252,7 +308,10 @@ def write_report(cfg, timings):
     for kind, acc in sorted(rm.get("val_accuracy_by_kind", {}).items()):
         lines.append(f"| RM | accuracy: {kind} | {fmt(acc)} | |")
     for stage, (title, _, _) in RL_STAGES.items():
-        lines.append(f"| {title} | {len(by_stage[stage])} seeds | | {wall(stage)} |")
+        lines.append(f"| {title} | {len(by_stage[stage])} seeds (the time: all of them, one thread each) | | "
+                     f"{wall(stage)} |")
+    if "rl_wall" in timings:
+        lines.append(f"| RL stages | wall time, {cfg.jobs} runs at a time | | {wall('rl_wall')} |")
 
     # the side-by-side table: SFT (the same evaluation, from the first RL run's iteration 0) and each RL stage at the
     # config's last iteration, mean (min–max) over seeds
@@ -275,7 +334,9 @@ def write_report(cfg, timings):
                          f"{min(deltas):+.3f} to {max(deltas):+.3f} against SFT over {len(deltas)} seeds "
                          f"(per seed: {', '.join(f'{d:+.3f}' for d in deltas)}); "
                          + ("it helps in every seed" if min(deltas) > 0 else "it does not help in every seed"))
-    total = sum(timings.get(n, 0) for n in STAGE_NAMES)
+    # the wall time: the stages before RL one after the other, then the RL runs' wall time (several at once)
+    total = sum(timings.get(n, 0) for n in STAGE_NAMES if n not in RL_STAGES) + timings.get(
+        "rl_wall", sum(timings.get(n, 0) for n in RL_STAGES))
     sections = [f"# The RLHF recipe, small scale\n\n`python pipeline.py {' '.join(sys.argv[1:])}`".rstrip() +
                 f"` at commit {commit()}, {time.strftime('%Y-%m-%d %H:%M')}, on {machine()}. Wall time of the "
                 f"stages: {format_duration(total)}.\n\n## Results\n\n" + "\n".join(lines),

@@ -1,19 +1,20 @@
-# Reward model on the pycode preference pairs, from the small SFT model: about 3 minutes on a 2-core laptop CPU.
+# Reward model on the pycode preference pairs, from the small SFT model: about 3 minutes on a 2-core CPU with bfloat16.
 # python train_rm.py config/rm_small.py    (after train_sft.py config/sft_small.py and collect_pairs.py config/pairs_small.py)
 out_dir = "out/rm_small"
 init_from = "out/sft_small"  # any out_dir of this project works (e.g. out/lm_small): they share the layout
 # two sources: prepare.py's made-up corruptions of real bodies (one kind each), and the SFT model's own samples
-# ranked by the parser (kind 'sampled'). Without the second, the reward model cannot tell the policy's own
-# mistakes from its successes (we measured AUC 0.47 on them), and PPO climbs its blind spots instead of the task.
+# ranked by the task's judge (kind 'sampled'): without the second, the reward model never sees the policy's own
+# mistakes, and PPO climbs its blind spots instead of the task
 train_file = "data/pycode/pref_train.jsonl,out/pairs_small/pref_train.jsonl"
 val_file = "data/pycode/pref_val.jsonl,out/pairs_small/pref_val.jsonl"  # held out: other files, never trained on
-batch_size = 32  # pairs: 64 rows per forward pass
-max_iters = 180
-eval_interval = 90
-log_interval = 10
+mismatched = True  # each prompt also against another prompt's chosen body: does the body belong to this prompt?
+batch_size = 32  # pairs: 64 rows per forward pass, and 32 more with the mismatched bodies
+max_iters = 400
+eval_interval = 200
+log_interval = 20
 learning_rate = 5e-4
 head_lr_mult = 20.0  # the fresh scalar head learns at 1e-2 while the pretrained backbone moves slowly
-frozen_layers = 1  # embeddings and the first block stay as SFT left them: a third faster, and it generalised better
+frozen_layers = 0
 min_lr = 2e-5
 warmup_iters = 10
 dropout = 0.0

@@ -44,8 +44,10 @@ def test_tiny_pipeline_runs_every_stage_over_seeds_and_writes_the_report(tmp_pat
     assert row.count("–") == 3 * 1  # each RL column is 'mean (min–max)' over the two seeds; SFT is one number
     printed = capsys.readouterr().out
     assert "[pretrain] $ python train_lm.py config/lm_small.py" in printed
-    assert "[dpo] $ python train_dpo.py config/dpo_small.py" in printed and "--seed=2" in printed
-    assert "[grpo] $ python train_grpo.py config/grpo_small.py" in printed
+    # the RL runs two at a time, one thread each, each writing its output to its out_dir
+    assert "[dpo seed 2] $ python train_dpo.py config/dpo_small.py" in printed and "--seed=2" in printed
+    assert os.path.getsize(os.path.join(out, "dpo_small", "seed2", "log.txt")) > 0
+    assert "[grpo seed 1] $ python train_grpo.py config/grpo_small.py" in printed
     assert "[pairs] $ python collect_pairs.py config/pairs_small.py" in printed
     # a second run skips every finished run: 5 stages and 2 seeds of each RL stage
     pipeline.main(["--tiny=True", f"--out={out}", "--seeds=2"])
