@@ -12,6 +12,7 @@ shows whether the default stops at a lucky peak.
 
     python pipeline.py                 # about 20 minutes on a 2-core CPU; finished stages are skipped
     python pipeline.py --seeds=1       # one seed per RL stage: a quick look, not a result
+    python pipeline.py --compare=True  # also GRPO on the reward model, Dr. GRPO, RLOO and best-of-8, over the seeds
     python pipeline.py --redo=sft      # run SFT again, and every stage after it
     python pipeline.py --redo=all      # everything from scratch
 The report: out/report.md (and the tables are printed at the end).
@@ -28,22 +29,33 @@ from typing import Literal
 
 from common import (cpu_flags, field, format_duration, load_config, plot_curves, read_jsonl_records, UserError,
                     write_atomic)
-from tasks import pycode as task
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-STAGE_NAMES = ("prepare", "pretrain", "sft", "pairs", "rm", "ppo", "grpo", "dpo")
-RL_STAGES = {"ppo": ("PPO", "train_ppo.py", "config/ppo_small.py"),
-             "grpo": ("GRPO", "train_grpo.py", "config/grpo_small.py"),
-             "dpo": ("DPO", "train_dpo.py", "config/dpo_small.py")}
+# the RL stages, each run once per seed: (title, script, config file, extra arguments)
+RL_STAGES = {"ppo": ("PPO", "train_ppo.py", "config/ppo_small.py", []),
+             "grpo": ("GRPO", "train_grpo.py", "config/grpo_small.py", []),
+             "dpo": ("DPO", "train_dpo.py", "config/dpo_small.py", [])}
+# --compare=True adds the other methods, over the same seeds, to the side-by-side table
+BEST_OF = 8
+VARIANTS = {"grpo_rm": ("GRPO on the reward model", "train_grpo.py", "config/grpo_small.py", ["--reward=model"]),
+            "dr_grpo": ("Dr. GRPO", "train_grpo.py", "config/grpo_small.py", ["--advantage=dr_grpo"]),
+            "rloo": ("RLOO", "train_grpo.py", "config/grpo_small.py", ["--advantage=rloo"]),
+            "bon_task": (f"best-of-{BEST_OF}, the judge", "train_grpo.py", "config/grpo_small.py",
+                         [f"--best_of_n={BEST_OF}"]),
+            "bon_rm": (f"best-of-{BEST_OF}, the reward model", "train_grpo.py", "config/grpo_small.py",
+                       [f"--best_of_n={BEST_OF}", "--reward=model"])}
+STAGE_NAMES = ("prepare", "pretrain", "sft", "pairs", "rm") + tuple(RL_STAGES) + tuple(VARIANTS)
 
 
 @dataclass
 class Config:
-    redo: Literal["none", "all", "prepare", "pretrain", "sft", "pairs", "rm", "ppo", "grpo", "dpo"] = "none"  # +after
+    redo: Literal["none", "all", "prepare", "pretrain", "sft", "pairs", "rm", "ppo", "grpo", "dpo", "grpo_rm", "dr_grpo",
+                  "rloo", "bon_task", "bon_rm"] = "none"  # run this stage, and every stage after it, again
     out: str = "out"  # where the stages' out_dirs and report.md go
     seeds: int = field(3, min=1)  # each RL stage runs with seeds 1..seeds; the report gives mean, min and max
     long_run: bool = True  # the first seed of each RL stage runs to twice the config's iterations
     jobs: int = field(2, min=1)  # RL runs at once, one thread each: on 2 cores, two such runs beat one after the other
+    compare: bool = False  # also GRPO on the reward model, Dr. GRPO, RLOO and best-of-N, over the same seeds
     tiny: bool = False  # seconds, not minutes: tiny models and data, to check that the plumbing works
 
 
@@ -110,19 +122,21 @@ def stages(cfg):
             out("pairs_small")),
         Run("rm", [py, "train_rm.py", "config/rm_small.py"] + extra["rm_small"], "rm.png", out("rm_small")),
     ]
-    for stage, (_, script, config_file) in RL_STAGES.items():
-        args = [a for a in extra[f"{stage}_small"] if not a.startswith("--out_dir=")]
+    for stage, (_, script, config_file, variant_args) in {**RL_STAGES, **(VARIANTS if cfg.compare else {})}.items():
+        base = {"train_ppo.py": "ppo_small", "train_grpo.py": "grpo_small", "train_dpo.py": "dpo_small"}[script]
+        args = [a for a in extra[base] if not a.startswith("--out_dir=")] + variant_args
         max_iters, eval_interval = rl_iterations(script, config_file, args)
         if max_iters % eval_interval:
             raise UserError(f"{config_file}: eval_interval={eval_interval} must divide max_iters={max_iters}, so that "
                             f"every seed is evaluated at its last iteration")
+        best_of = any(a.startswith("--best_of_n=") for a in variant_args)
         for seed in range(1, cfg.seeds + 1):
             out_dir = os.path.join(out(f"{stage}_small"), f"seed{seed}")
             # the long run: twice the iterations, evaluated twice as often, so its curve shows what comes after
             longer = ([f"--max_iters={2 * max_iters}", f"--eval_interval={max_iters // 2 or 1}"]
-                      if seed == 1 and cfg.long_run else [])
+                      if seed == 1 and cfg.long_run and stage in RL_STAGES else [])
             runs.append(Run(stage, [py, script, config_file] + args + [f"--out_dir={out_dir}", f"--seed={seed}"]
-                            + longer, "report.md", out_dir, seed, max_iters))
+                            + longer, "report.md", out_dir, seed, BEST_OF if best_of else max_iters))
     return runs
 
 
@@ -147,7 +161,7 @@ def run_stages(cfg):
         if run.stage not in redone:  # a stage's time is the sum of its runs, counted afresh when it runs again
             timings[run.stage] = 0.0
             redone.add(run.stage)
-        if run.stage in RL_STAGES:
+        if run.seed:  # an RL run
             rl_runs.append(run)
             continue
         print(f"\n[{run.stage}] $ {shown(run.cmd)}", flush=True)
@@ -215,12 +229,13 @@ def records(path, key):
 
 
 def evaluations(out_dir):
-    """{iteration: the task's measures} of one RL run, from its metrics.jsonl (PPO prefixes them with 'eval_')."""
+    """{iteration: the task's measures} of one RL run, from its metrics.jsonl (PPO and GRPO prefix them with
+    'eval_'); for a best-of-N run, {k: the measures of best-of-k}."""
     out = {}
     for r in (read_jsonl_records(os.path.join(out_dir, "metrics.jsonl"))
               if os.path.exists(os.path.join(out_dir, "metrics.jsonl")) else []):
         if "eval_solved" in r:
-            out[r["iter"]] = {k[len("eval_"):]: v for k, v in r.items() if k.startswith("eval_")}
+            out[r.get("iter", r.get("best_of"))] = {k[len("eval_"):]: v for k, v in r.items() if k.startswith("eval_")}
         elif "solved" in r:
             out[r["iter"]] = r
     return out
@@ -281,7 +296,7 @@ def plot_seeds(path, stage, title, runs):
                 xlabels={"solved against KL to SFT": "KL to SFT (nats/response)"}, vlines=marks)
 
 
-def write_report(cfg, timings):
+def write_report(cfg, timings, argv):
     runs = stages(cfg)
     by_stage = {}
     for run in runs:
@@ -307,47 +322,53 @@ def write_report(cfg, timings):
         lines.append(f"| RM | held-out accuracy: {path} | {fmt(acc)} | |")
     for kind, acc in sorted(rm.get("val_accuracy_by_kind", {}).items()):
         lines.append(f"| RM | accuracy: {kind} | {fmt(acc)} | |")
-    for stage, (title, _, _) in RL_STAGES.items():
+    methods = {**RL_STAGES, **{k: v for k, v in VARIANTS.items() if k in by_stage}}
+    for stage, (title, *_) in methods.items():
         lines.append(f"| {title} | {len(by_stage[stage])} seeds (the time: all of them, one thread each) | | "
                      f"{wall(stage)} |")
     if "rl_wall" in timings:
         lines.append(f"| RL stages | wall time, {cfg.jobs} runs at a time | | {wall('rl_wall')} |")
 
-    # the side-by-side table: SFT (the same evaluation, from the first RL run's iteration 0) and each RL stage at the
+    # the side-by-side table: SFT (the same evaluation, from the first RL run's iteration 0) and each method at the
     # config's last iteration, mean (min–max) over seeds
-    results = {stage: [evaluations(r.out_dir).get(r.report_iter, {}) for r in by_stage[stage]] for stage in RL_STAGES}
+    results = {stage: [evaluations(r.out_dir).get(r.report_iter, {}) for r in by_stage[stage]] for stage in methods}
     befores = [evaluations(r.out_dir).get(0, {}) for stage in RL_STAGES for r in by_stage[stage]]
     sft_eval = next((b for b in befores if b), {})
     k = next((key.split("@")[1] for key in sft_eval if key.startswith("pass@") and not key.endswith("_args")), "k")
-    measures = task.MEASURES + [(f"pass@{k}, functions with arguments", f"pass@{k}_args"), (f"pass@{k}", f"pass@{k}"),
-                                ("KL to SFT (nats/response)", "kl"), ("reward model's score", "rm_score")]
-    head = "| measure | SFT | " + " | ".join(f"{RL_STAGES[s][0]} ({len(by_stage[s])} seeds)" for s in RL_STAGES) + " |"
-    side = [head, "|---" * (2 + len(RL_STAGES)) + "|"]
-    for label, key in measures:
-        side.append(f"| {label} | {fmt(sft_eval.get(key)) if key != 'kl' else '0'} | "
-                    + " | ".join(spread([r.get(key) for r in results[s]]) for s in RL_STAGES) + " |")
+    measures = [("solved, with arguments", "solved_args"), ("solved, all", "solved"), ("parses", "parses"),
+                ("template share", "template"), ("chrF to the real body", "chrf"), (f"pass@{k}, with arguments",
+                f"pass@{k}_args"), ("KL to SFT (nats)", "kl"), ("reward model's score", "rm_score")]
+    side = ["| method | seeds | " + " | ".join(label for label, _ in measures) + " | wall time, all seeds |",
+            "|---" * (3 + len(measures)) + "|",
+            "| SFT | | " + " | ".join("0" if key == "kl" else fmt(sft_eval.get(key)) for _, key in measures) + " | |"]
+    for stage, (title, *_) in methods.items():
+        side.append(f"| {title} | {len(by_stage[stage])} | "
+                    + " | ".join(spread([r.get(key) for r in results[stage]]) for _, key in measures)
+                    + f" | {wall(stage)} |")
     gains = []
-    for stage, (title, _, _) in RL_STAGES.items():
+    for stage, (title, *_) in methods.items():
         deltas = [r["solved_args"] - sft_eval["solved_args"] for r in results[stage] if "solved_args" in r and sft_eval]
         if deltas:
-            gains.append(f"- {title}: solved on functions with arguments {'+' if min(deltas) >= 0 else ''}"
-                         f"{min(deltas):+.3f} to {max(deltas):+.3f} against SFT over {len(deltas)} seeds "
-                         f"(per seed: {', '.join(f'{d:+.3f}' for d in deltas)}); "
+            gains.append(f"- {title}: solved on functions with arguments {min(deltas):+.3f} to {max(deltas):+.3f} "
+                         f"against SFT over {len(deltas)} seeds (per seed: {', '.join(f'{d:+.3f}' for d in deltas)}); "
                          + ("it helps in every seed" if min(deltas) > 0 else "it does not help in every seed"))
     # the wall time: the stages before RL one after the other, then the RL runs' wall time (several at once)
-    total = sum(timings.get(n, 0) for n in STAGE_NAMES if n not in RL_STAGES) + timings.get(
-        "rl_wall", sum(timings.get(n, 0) for n in RL_STAGES))
-    sections = [f"# The RLHF recipe, small scale\n\n`python pipeline.py {' '.join(sys.argv[1:])}`".rstrip() +
-                f"` at commit {commit()}, {time.strftime('%Y-%m-%d %H:%M')}, on {machine()}. Wall time of the "
+    total = sum(timings.get(n, 0) for n in STAGE_NAMES[:5]) + timings.get(
+        "rl_wall", sum(timings.get(n, 0) for n in methods))
+    command = " ".join(["python pipeline.py"] + [shlex.quote(a) for a in argv])
+    sections = [f"# The RLHF recipe, small scale\n\n`{command}` at commit {commit()}, {time.strftime('%Y-%m-%d %H:%M')}, on {machine()}. Wall time of the "
                 f"stages: {format_duration(total)}.\n\n## Results\n\n" + "\n".join(lines),
                 "\n## SFT and the RL stages on the held-out prompts\n\nGreedy completions of the same held-out prompts "
-                "(tasks/pycode.py judges them); pass@k and the KL to the SFT model from sampled ones. Each RL stage: "
-                "mean (min–max) over seeds, at the config's last iteration.\n\n" + "\n".join(side) + "\n\n"
+                "(tasks/pycode.py judges them); pass@k and the KL to the SFT model from sampled ones (best-of-N: the "
+                "closed form, an upper bound). Each method: mean (min–max) over seeds, at the config's last "
+                "iteration.\n\n" + "\n".join(side) + "\n\n"
                 + "\n".join(gains) + "\n\n## Curves\n"]
     for title, stage, png in (("pretraining", "pretrain", "loss.png"), ("SFT", "sft", "sft.png"),
                               ("reward model", "rm", "rm.png")):
         sections.append(f"### {title}\n\n![{title}]({os.path.relpath(os.path.join(by_stage[stage][0].out_dir, png), cfg.out)})\n")
-    for stage, (title, _, _) in RL_STAGES.items():
+    for stage, (title, _, _, args) in methods.items():
+        if any(a.startswith("--best_of_n=") for a in args):
+            continue  # no iterations: its table row says it all
         png = os.path.join(cfg.out, f"{stage}_seeds.png")
         plot_seeds(png, stage, title, by_stage[stage])
         sections.append(f"### {title}, every seed\n\n![{title}]({os.path.basename(png)})\n")
@@ -357,7 +378,7 @@ def write_report(cfg, timings):
             per_seed.append(f"| {run.seed} | {max(ev) if ev else '–'} | {fmt(r.get('solved_args'))} | {fmt(r.get('solved'))} | "
                             f"{fmt(r.get('template'))} | {fmt(r.get('chrf'))} | {fmt(r.get('kl'))} |")
         sections.append("\n".join(per_seed) + "\n")
-    for stage, (title, _, _) in RL_STAGES.items():
+    for stage, (title, *_) in RL_STAGES.items():
         stage_report = os.path.join(by_stage[stage][0].out_dir, "report.md")
         if os.path.exists(stage_report):
             text = open(stage_report).read()
@@ -369,13 +390,12 @@ def write_report(cfg, timings):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     cfg = load_config(Config, argv)
-    if cfg.seeds < 1:
-        raise UserError(f"seeds must be at least 1, got {cfg.seeds}")
     if not cfg.tiny:
         os.chdir(ROOT)
     timings = run_stages(cfg)
-    table, total = write_report(cfg, timings)
+    table, total = write_report(cfg, timings, argv)
     print(f"\n{table}\n\nall stages: {format_duration(total)}; report: {os.path.join(cfg.out, 'report.md')}")
 
 

@@ -2,6 +2,7 @@
 first seed to twice the iterations), each leaving a checkpoint, metrics and a plot; the report has every section,
 with SFT and the RL stages side by side as mean (min–max) over seeds, and one plot per RL stage with every seed's
 curves."""
+import math
 import os
 
 import pipeline
@@ -10,7 +11,7 @@ from common import load_checkpoint, read_jsonl_records
 
 def test_tiny_pipeline_runs_every_stage_over_seeds_and_writes_the_report(tmp_path, capsys):
     out = str(tmp_path / "out")
-    pipeline.main(["--tiny=True", f"--out={out}", "--seeds=2"])
+    pipeline.main(["--tiny=True", f"--out={out}", "--seeds=2", "--compare=True"])
     tokenizer = load_checkpoint(os.path.join(out, "lm_small"))["tokenizer"]
     assert tokenizer["kind"] == "bpe"  # learnt by prepare.py, carried by every checkpoint after it
     for stage, plot in (("lm_small", "loss.png"), ("sft_small", "sft.png"), ("rm_small", "rm.png")):
@@ -33,15 +34,21 @@ def test_tiny_pipeline_runs_every_stage_over_seeds_and_writes_the_report(tmp_pat
     for section in ("## Results", "pretrain | val loss", "SFT | solved, functions with arguments",
                     "RM | held-out accuracy", "pairs | SFT samples that solve their prompt", "RM | accuracy: sampled",
                     "RM | accuracy: truncated", "## SFT and the RL stages on the held-out prompts",
-                    "| measure | SFT | PPO (2 seeds) | GRPO (2 seeds) | DPO (2 seeds) |",
-                    "| solved, functions with arguments |",
-                    "| template share |", "| similarity to real body (chrF) |", "| KL to SFT (nats/response) |",
+                    "| method | seeds | solved, with arguments | solved, all | parses | template share |",
+                    "| SFT | |", "| PPO | 2 |", "| GRPO | 2 |", "| DPO | 2 |", "| Dr. GRPO | 2 |", "| RLOO | 2 |",
+                    "| GRPO on the reward model | 2 |", "| best-of-8, the judge | 2 |",
+                    "| best-of-8, the reward model | 2 |",
                     "![PPO](ppo_seeds.png)", "![GRPO](grpo_seeds.png)", "![DPO](dpo_seeds.png)",
                     "## Before and after PPO (seed 1)", "## Before and after GRPO (seed 1)",
-                    "## Before and after DPO (seed 1)", "at commit", "wall time", "- PPO: solved on functions"):
+                    "## Before and after DPO (seed 1)", "at commit", "wall time", "- PPO: solved on functions",
+                    "- best-of-8, the judge: solved on functions"):
         assert section in report, section
-    row = next(line for line in report.splitlines() if line.startswith("| solved, functions with arguments |"))
-    assert row.count("–") == 3 * 1  # each RL column is 'mean (min–max)' over the two seeds; SFT is one number
+    # each method's cell is 'mean (min–max)' over the two seeds, SFT's one number; best-of-8's KL is log 8 - 7/8
+    for method in ("PPO", "GRPO", "DPO", "RLOO"):
+        row = next(line for line in report.splitlines() if line.startswith(f"| {method} | 2 |"))
+        assert row.split(" | ")[2].count("–") == 1, row
+    bon = next(line for line in report.splitlines() if line.startswith("| best-of-8, the judge | 2 |"))
+    assert f"{math.log(8) - 7 / 8:.3f}" in bon
     printed = capsys.readouterr().out
     assert "[pretrain] $ python train_lm.py config/lm_small.py" in printed
     # the RL runs two at a time, one thread each, each writing its output to its out_dir
@@ -49,7 +56,7 @@ def test_tiny_pipeline_runs_every_stage_over_seeds_and_writes_the_report(tmp_pat
     assert os.path.getsize(os.path.join(out, "dpo_small", "seed2", "log.txt")) > 0
     assert "[grpo seed 1] $ python train_grpo.py config/grpo_small.py" in printed
     assert "[pairs] $ python collect_pairs.py config/pairs_small.py" in printed
-    # a second run skips every finished run: 5 stages and 2 seeds of each RL stage
-    pipeline.main(["--tiny=True", f"--out={out}", "--seeds=2"])
-    assert capsys.readouterr().out.count("done already") == 5 + 3 * 2
+    # a second run skips every finished run: 5 stages and 2 seeds of each RL stage and of each variant
+    pipeline.main(["--tiny=True", f"--out={out}", "--seeds=2", "--compare=True"])
+    assert capsys.readouterr().out.count("done already") == 5 + 3 * 2 + 5 * 2
     assert read_jsonl_records(os.path.join(out, "ppo_small", "seed1", "metrics.jsonl"))
