@@ -9,7 +9,7 @@ template = "none"  # the prompt (a def line and a docstring) already asks for a 
 train_file = "data/pycode/sft_train.jsonl,data/pycode/sft_train_renamed.jsonl"
 batch_size = 16
 max_iters = 600  # 600 x 16 = 9,600 examples, about 3.4 epochs of the 2,825 demonstrations
-eval_interval = 200
+eval_interval = 600  # before and after
 log_interval = 50
 max_new_tokens = 64  # the same limit (and so the same held-out prompts) in every stage; real bodies need at most 65
 eval_samples = 8  # pass@8 at the end
