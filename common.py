@@ -882,6 +882,23 @@ def write_jsonl(path, rows):
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def download(url, path, instead):
+    """url saved to path with the standard library (a data set's prepare.py calls it when the file is not there yet),
+    written atomically: an interrupted download leaves nothing behind. Offline, or on any failure, a UserError that
+    says what to do instead (instead: e.g. 'run it with --from_file=<a copy of aclImdb_v1.tar.gz>')."""
+    import urllib.error
+    import urllib.request
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    print(f"downloading {url} to {path} ...", flush=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            content = response.read()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise UserError(f"cannot download {url} ({reason}); {instead}") from None
+    write_atomic(path, lambda f: f.write(content))
+
+
 def before_after_table(before, after, rows, stage):
     """The measures [(label, key)] of the SFT model (before) and of the model a stage trained from it (after), as
     a fixed-width table; a measure the before results lack (the RM score when there is no RM) is left out."""

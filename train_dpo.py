@@ -50,7 +50,7 @@ from common import (average_gradients, before_after_table, cosine_lr, field, for
                     rng_state, RunConfig, save_checkpoint, set_rng_state, shard, start_stage, StopRequest, UserError,
                     write_before_after)
 from tokenizer import get_tokenizer
-from train_grpo import rm_scorer  # the reward model's score of (prompt, response) rows, for a task that measures with it
+from train_grpo import rm_scorer  # the reward model's scores of rows, for a task that measures with it
 from train_rm import batch_indices, encode_pairs, pair_metrics_by_kind, pairwise_loss
 from train_sft import sft_batch
 
@@ -230,7 +230,8 @@ def report_rows(task):
     return task.MEASURES + [("KL to SFT (nats/response)", "kl"), ("val loss", "val_loss"),
                             ("val loss without penalty", "val_dpo_loss"),
                             ("val implicit accuracy", "val_accuracy"), ("val implicit margin", "val_margin"),
-                            ("val drift (chosen, nats)", "val_drift"), ("val drift (rejected, nats)", "val_drift_rejected")]
+                            ("val drift (chosen, nats)", "val_drift"),
+                            ("val drift (rejected, nats)", "val_drift_rejected")]
 
 
 def plot(cfg, path, task):
