@@ -494,6 +494,32 @@ def measure_matmul_flops(device="cpu", n=1024, reps=5, dtype="float32"):
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
+# Datasheet peaks of dense bfloat16/float16 matrix products on tensor cores (FP32 accumulation), in TFLOP/s: the
+# denominator MFU is usually taken against (nanoGPT: the A100's 312). Matched in order against the GPU's name.
+GPU_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0),
+                   ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.2), ("V100", 125.0)]
+
+
+def datasheet_peak_flops(device, dtype):
+    """This GPU's datasheet peak in FLOP/s for bf16/fp16, or None: a CPU, float32, or a GPU not in the table."""
+    if not device.startswith("cuda") or dtype not in ("bfloat16", "float16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in GPU_PEAK_TFLOPS if key in name), None)
+
+
+def mfu_peak(peak_tflops, runtime):
+    """(FLOP/s, where the number comes from) for MFU: peak_tflops when it is set; else the GPU's datasheet peak;
+    else the matrix products of this device measured here, in the run's dtype."""
+    if peak_tflops > 0:
+        return peak_tflops * 1e12, "set by peak_tflops"
+    datasheet = datasheet_peak_flops(runtime.device, runtime.dtype)
+    if datasheet:
+        return datasheet, f"the datasheet's {runtime.dtype} peak of the {torch.cuda.get_device_name(runtime.device)}"
+    return measure_matmul_flops(runtime.device, dtype=runtime.dtype), (f"{runtime.dtype} matmul measured here; set "
+                                                                         f"peak_tflops to change")
+
+
 def cosine_lr(it, learning_rate, warmup_iters, decay_iters, min_lr):
     """Linear warm-up, then cosine decay to min_lr at decay_iters, then min_lr (as nanoGPT)."""
     if it < warmup_iters:
