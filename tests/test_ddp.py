@@ -79,6 +79,9 @@ def write_plan(root):
     }
     ddp = root / "ddp"
     runs = [[stage, args + [f"--out_dir={ddp / stage}"]] for stage, args in stage_args(files).items()]
+    runs.append(["collect_pairs", [*CPU, f"--init_from={files['init']}", f"--train_file={files['sft_train']}",
+                                   f"--val_file={files['sft_val']}", f"--out_dir={ddp / 'pairs'}", "--max_new_tokens=8",
+                                   "--samples_per_prompt=2"]])
     for stage, args in rl_args(files, ddp / "train_rm").items():
         runs += [[stage, args + [f"--out_dir={ddp / stage}_straight", "--max_iters=4"]],
                  [stage, args + [f"--out_dir={ddp / stage}_resumed", "--max_iters=2"]],
@@ -138,6 +141,15 @@ def test_two_processes_give_the_losses_and_weights_of_one_process_on_the_same_gl
         for it in one:
             assert two[it] == pytest.approx(one[it], rel=1e-4, abs=1e-5), (key, it)
     assert_same_weights(tmp_path / stage, root / "ddp" / stage, skip=skip)
+
+
+def test_collect_pairs_samples_every_prompt_once_across_the_processes_and_one_writes(two_processes):
+    root, _, _ = two_processes
+    meta = json.load(open(root / "ddp" / "pairs" / "meta.json"))
+    assert meta["train"]["samples"] == 24 * 2 and meta["val"]["samples"] == 7 * 2
+    assert sum(meta["train"]["grades"].values()) == 48  # every sample graded once, all of them together
+    pairs = read_jsonl_records(root / "ddp" / "pairs" / "pref_train.jsonl")
+    assert len(pairs) == meta["train"]["pairs"]
 
 
 # --------------------------------------------------------------------------------------------------------------
