@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, for anyone with one CUDA GPU (a few minutes; skipped where there is none):
+# The GPU check, for anyone with one CUDA GPU (meant to take under 10 minutes; skipped where there is none):
 #   1. every stage at a tiny size on the GPU, bf16 autocast and torch.compile, each stopped halfway and resumed
 #      against a run without a stop (tests/test_gpu.py);
 #   2. bench.py on GPT-2's size (124M, nanoGPT's batch of 8 x 1024): training tokens/s and MFU against the GPU's
