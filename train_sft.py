@@ -110,6 +110,13 @@ def response_loss_sum(model, x, y):
     return nll, int((y != -1).sum())
 
 
+def token_weighted(loss, count):
+    """A process's mean loss over its `count` response tokens, weighted so that its mean over the processes (what
+    averaged gradients take) is the mean over every process's tokens, as one process computes it on the whole
+    batch: loss * count * N / (all tokens). Without it, a token in a shorter share of the batch would weigh more."""
+    return loss * (count / all_reduce_mean(count))
+
+
 def encode_examples(tok, examples, template, block_size):
     """Token ids (prompt, response + end-of-text) of each example, and how many were dropped for not fitting
     the context. An example is never truncated: a cut response would teach the model to stop mid-function."""
@@ -142,13 +149,6 @@ def epoch_order(seed, epoch, n):
 
 # --------------------------------------------------------------------------------------------------------------
 # evaluation
-
-def token_weighted(loss, count):
-    """A process's mean loss over its `count` response tokens, weighted so that its mean over the processes (what
-    averaged gradients take) is the mean over every process's tokens, as one process computes it on the whole
-    batch: loss * count * N / (all tokens). Without it, a token in a shorter share of the batch would weigh more."""
-    return loss * (count / all_reduce_mean(count))
-
 
 @torch.no_grad()
 def evaluate(model, val_examples, eval_set, tok, task, cfg, rt, samples=0):

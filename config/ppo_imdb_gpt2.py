@@ -1,7 +1,7 @@
 # The IMDB recipe, step 3: PPO makes GPT-2 continue review openings positively, with trl's gpt2-sentiment settings:
 # prompts of 2-8 words, continuations of up to 16 tokens, batch 128, 4 PPO epochs, learning rate 1.41e-5, adaptive KL
 # from 0.2 towards 6 nats, vf_coef 0.1. trl reports the mean reward rising from about -0.5 to 1.7 (~2 h on a V100),
-# with its DistilBERT classifier's logit as reward; ours is the reward model of step 2 (log-odds: a similar scale).
+# with its DistilBERT classifier's logit as reward; ours is the reward model of step 2 (its log-odds).
 # python train_ppo.py config/ppo_imdb_gpt2.py      (after config/lm_imdb_gpt2.py and config/rm_imdb_gpt2.py)
 out_dir = "out/ppo_imdb_gpt2"
 init_from = "out/lm_imdb_gpt2"  # the policy and the frozen reference: there is no SFT stage in this recipe

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import tasks
+import train_dpo
 import train_lm
 import train_ppo
 import train_rm
@@ -255,6 +256,24 @@ def test_hh_rlhf_measures_the_policy_against_the_sft_model_with_the_reward_model
     assert same["win_rate"] == 0.5 and same["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is the SFT model
     alone, _ = task.evaluate_policy(model, tok, eval_set, 6)
     assert "win_rate" not in alone and "no reward model" in task.describe(alone)
+
+
+def test_dpo_on_hh_rlhf_pairs_is_measured_by_the_reward_models_win_rate_over_sft(hh_dir, tmp_path):
+    data = tmp_path / "hh"
+    load_prepare("hh_rlhf").main([f"--from_dir={hh_dir}", f"--out_dir={data}", "--subsets=helpful-base"])
+    init, _ = tiny_policy(tmp_path / "sft", block_size=160)
+    torch.manual_seed(1)
+    rm = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=160, vocab_size=257, scalar_head=True))
+    save_checkpoint(str(tmp_path / "rm" / "ckpt.pt"), {"stage": "rm", "model_args": vars(rm.config),
+                                                       "model": rm.state_dict(), "tokenizer": "byte"})
+    result = train_dpo.main(["--device=cpu", f"--init_from={init}", f"--out_dir={tmp_path / 'dpo'}", "--task=hh_rlhf",
+                             f"--reward_model={tmp_path / 'rm'}", f"--train_file={data / 'pref_train.jsonl'}",
+                             f"--val_file={data / 'pref_val.jsonl'}", f"--eval_prompts={data / 'prompts_eval.jsonl'}",
+                             "--batch_size=2", "--max_iters=2", "--eval_interval=2", "--max_new_tokens=6",
+                             "--eval_samples=0", "--learning_rate=1e-2"])
+    assert result["before"]["win_rate"] == 0.5  # the SFT model against itself
+    assert 0.0 <= result["after"]["win_rate"] <= 1.0 and "rm_score_sft" in result["after"]
+    assert "win rate over SFT (reward model)" in (tmp_path / "dpo" / "report.md").read_text()
 
 
 def test_imdb_measures_the_sentiment_reward_of_sampled_continuations(imdb_archive, tmp_path):
