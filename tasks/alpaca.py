@@ -15,7 +15,10 @@ import contextlib
 import torch
 
 from common import complete
-from tasks.pycode import EvalSet, read_eval_set  # noqa: F401  (held-out prompts read as pycode's)
+from tasks.pycode import read_eval_set as _read_eval_set
+
+
+read_eval_set = _read_eval_set  # the held-out prompts {"prompt"} of a JSONL file, read as pycode's are
 
 
 @torch.no_grad()
