@@ -10,7 +10,8 @@ Benchmark: how fast this machine trains and samples a given model, measured, not
         --prompt_len=64 --new_tokens=96      # GRPO (4 prompts x 4 samples) beside PPO (16 prompts)
 
 Prints
-- this device's float32 matmul throughput (the peak MFU is measured against),
+- this device's float32 matmul throughput (the peak MFU is measured against; on a GPU the table in common.py gives
+  the datasheet's bf16/fp16 peak, which MFU is then taken against, beside the throughput measured in that dtype),
 - training tokens/s, ms per step and MFU of train_lm.py's own loop (it runs train_lm.main on random tokens),
 - sampling tokens/s of GPT.generate with and without the KV cache, and the speed-up;
 - with --what=ppo, seconds per train_ppo.py iteration and its rollout / score / update split, on random-init
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 import train_lm
-from common import load_config, measure_matmul_flops, read_jsonl_records, setup_runtime
+from common import datasheet_peak_flops, load_config, measure_matmul_flops, read_jsonl_records, setup_runtime
 from model import GPT, GPTConfig
 
 
@@ -164,6 +165,14 @@ def main(argv=None):
         peak = measure_matmul_flops(rt.device, n=2048, reps=10)
         print(f"float32 matmul (2048^3): {peak / 1e9:,.0f} GFLOP/s")
         results["matmul_gflops"] = peak / 1e9
+        datasheet = datasheet_peak_flops(rt.device, rt.dtype)
+        if datasheet:  # on a GPU, MFU against the datasheet's peak of the dtype in use, as papers take it
+            measured = measure_matmul_flops(rt.device, n=8192, reps=10, dtype=rt.dtype)
+            print(f"{rt.dtype} matmul (8192^3): {measured / 1e12:,.0f} TFLOP/s measured; the datasheet's peak of the "
+                  f"{torch.cuda.get_device_name(rt.device)}, {datasheet / 1e12:,.0f} TFLOP/s, is what MFU is taken "
+                  f"against")
+            results.update(matmul_tflops=measured / 1e12, peak_tflops=datasheet / 1e12)
+            peak = datasheet
     if cfg.what in ("all", "train"):
         ms = bench_training(cfg, peak)
         tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps

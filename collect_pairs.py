@@ -16,6 +16,8 @@ reads them beside those (train_file and val_file take comma-separated lists).
 
 Run (after train_sft.py; about 2 minutes on a 2-core laptop CPU):
     python collect_pairs.py config/pairs_small.py
+On several GPUs (or CPU processes), each samples a share of the prompts; the labeler judges all samples together:
+    torchrun --standalone --nproc_per_node=4 collect_pairs.py config/pairs_small.py
 Every key: python collect_pairs.py --help
 """
 import json
@@ -27,9 +29,10 @@ from typing import Literal
 
 import torch
 
+import tasks
 from common import (complete, encode_prompt_response, field, format_duration, format_prompt, load_checkpoint,
-                    model_from_checkpoint, read_sft_examples, RunConfig, start_single_process, write_atomic, write_jsonl)
-from tasks import pycode as task
+                    model_from_checkpoint, read_sft_examples, RunConfig, start_stage, UserError, write_atomic,
+                    write_jsonl)
 from tokenizer import get_tokenizer
 
 
@@ -40,6 +43,7 @@ class Config(RunConfig):
     train_file: str = "data/pycode/sft_train.jsonl"  # prompts (with their real responses) for training pairs
     val_file: str = "data/pycode/sft_val.jsonl"  # prompts for held-out pairs: the reward model never trains on them
     template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
+    task: str = "pycode"  # the task module (tasks/<task>.py) whose labeler, grade(), ranks the samples
     samples_per_prompt: int = field(4, min=1)  # responses sampled per prompt; each bad one can make a pair
     max_pairs_per_prompt: int = field(2, min=1)  # at most this many pairs per prompt, so no prompt dominates
     max_new_tokens: int = field(96, min=1)  # as in train_ppo.py: the responses PPO will sample
@@ -48,7 +52,7 @@ class Config(RunConfig):
     empty_pairs: bool = True  # also, for every training prompt, a good response against the empty one (kind 'empty')
 
 
-def ranked_pairs(reference, samples, rng, max_pairs):
+def ranked_pairs(reference, samples, rng, max_pairs, task=tasks.load("pycode")):
     """[(chosen, rejected)] for one prompt from its [(response, grade)] samples: each distinct response that does not
     solve the prompt (an empty one too: saying nothing is a bad answer) against a sample that does, or against the
     real body if the model wrote none. The closest misses are paired first: a valid body that ignores the arguments
@@ -61,7 +65,10 @@ def ranked_pairs(reference, samples, rng, max_pairs):
 def collect(model, tok, examples, cfg, rt, rng, generator, empty_pairs=False):
     """Sample, label and pair the responses for [(prompt, reference)]; returns (pair rows, counts).
     empty_pairs: also a pair (a good response, the empty one) for every prompt. Saying nothing is the cheapest
-    response to score with, and PPO finds it for the prompts where the reward model never saw it lose."""
+    response to score with, and PPO finds it for the prompts where the reward model never saw it lose.
+    Under torchrun `complete` shares the prompts out and hands every process all the samples: each then ranks
+    and pairs them alike, and the first one writes them."""
+    task = tasks.load(cfg.task)
     max_prompt = model.config.block_size - cfg.max_new_tokens
     kept = [(format_prompt(p, cfg.template), r) for p, r in examples]
     kept = [(p, r) for p, r in kept if encode_prompt_response(tok, p, r, model.config.block_size) is not None
@@ -74,7 +81,7 @@ def collect(model, tok, examples, cfg, rt, rng, generator, empty_pairs=False):
     out, k = [], cfg.samples_per_prompt
     for i, (prompt, reference) in enumerate(kept):
         samples = list(zip(texts[i * k:(i + 1) * k], grades[i * k:(i + 1) * k]))
-        for chosen, rejected in ranked_pairs(reference, samples, rng, cfg.max_pairs_per_prompt):
+        for chosen, rejected in ranked_pairs(reference, samples, rng, cfg.max_pairs_per_prompt, task):
             out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": "sampled"})
         if empty_pairs and "" not in {r for r, _ in samples}:
             good = sorted({r for r, g in samples if g == task.SOLVED})
@@ -87,11 +94,13 @@ def collect(model, tok, examples, cfg, rt, rng, generator, empty_pairs=False):
 
 
 def main(argv=None):
-    cfg, rt = start_single_process(Config, argv, "collect_pairs.py")
+    cfg, rt = start_stage(Config, argv, "collect_pairs.py")
+    if not hasattr(tasks.load(cfg.task), "grade"):
+        raise UserError(f"the task {cfg.task!r} has no labeler to rank samples with (tasks/{cfg.task}.py has no "
+                        f"grade()); its pairs come from its own data")
     ckpt = load_checkpoint(cfg.init_from, hint="make it with `python train_sft.py config/sft_small.py`")
     tok = get_tokenizer(ckpt["tokenizer"])
     model = model_from_checkpoint(ckpt, cfg.init_from, dropout=0.0).to(rt.device).eval()
-    os.makedirs(cfg.out_dir, exist_ok=True)
     t0 = time.time()
     meta = {"config": asdict(cfg), "tokenizer": tok.name}
     for split, path in (("train", cfg.train_file), ("val", cfg.val_file)):
@@ -100,11 +109,13 @@ def main(argv=None):
         # the empty pairs are for training only: held-out pairs stay the model's own samples
         rows, counts = collect(model, tok, read_sft_examples(path), cfg, rt, rng, generator,
                                empty_pairs=cfg.empty_pairs and split == "train")
-        write_jsonl(os.path.join(cfg.out_dir, f"pref_{split}.jsonl"), rows)
+        if rt.is_master:
+            write_jsonl(os.path.join(cfg.out_dir, f"pref_{split}.jsonl"), rows)
         meta[split] = counts
         print(f"{split}: {counts['prompts']} prompts x {cfg.samples_per_prompt} samples, "
               f"{counts['good_share']:.1%} good -> {counts['pairs']} pairs ({format_duration(time.time() - t0)})")
-    write_atomic(os.path.join(cfg.out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    if rt.is_master:
+        write_atomic(os.path.join(cfg.out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
     print(f"done in {format_duration(time.time() - t0)}; wrote {cfg.out_dir}/pref_train.jsonl, pref_val.jsonl, "
           f"meta.json")
     return meta

@@ -280,7 +280,8 @@ def setup_runtime(cfg):
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
         backend = "nccl" if device.startswith("cuda") else "gloo"
-        torch.distributed.init_process_group(backend=backend)
+        if not torch.distributed.is_initialized():  # several stages may run in one process (the tests do)
+            torch.distributed.init_process_group(backend=backend)
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
@@ -305,18 +306,123 @@ def setup_runtime(cfg):
     return Runtime(device, device_type, dtype, autocast, ddp, rank, local_rank, world_size)
 
 
-def start_single_process(config_class, argv, script, stage=None):
-    """The start of a one-process stage: its config (files, then --key=value), the device, a writable out_dir
-    (make_out_dir: stage is the name this stage's checkpoints carry), the config printed, every RNG seeded.
-    Returns (cfg, runtime)."""
+def start_stage(config_class, argv, script, stage=None):
+    """The start of a stage: its config (files, then --key=value), the device, a writable out_dir (make_out_dir:
+    stage is the name this stage's checkpoints carry), the config printed, every RNG seeded. Returns (cfg, runtime).
+
+    Under torchrun every process runs the whole stage on its share of the data (see "several processes" below);
+    the first one alone checks out_dir and prints, and the stages let it alone write files. Each process seeds its
+    RNGs with seed + rank, so that dropout differs between them; the first one's equal a one-process run's."""
     cfg = load_config(config_class, argv)
     rt = setup_runtime(cfg)
-    if rt.ddp:
-        raise UserError(f"{script} runs in one process; start it with python, not torchrun")
-    make_out_dir(cfg.out_dir, cfg.init_from, stage)
-    print_config(cfg)
-    seed_everything(cfg.seed)
+    if rt.is_master:
+        make_out_dir(cfg.out_dir, cfg.init_from, stage)
+        print_config(cfg)
+    elif sys.stdout is sys.__stdout__:  # the other processes print nothing: one log, not world_size copies of it
+        sys.stdout = open(os.devnull, "w")
+    if rt.ddp:  # the others wait until the first has checked out_dir (and, where stages run one after another in the
+        torch.distributed.barrier()  # same processes, written the files of the last one: a checkpoint to resume)
+    seed_everything(cfg.seed + rt.rank)
     return cfg, rt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# several processes (torchrun): data parallelism in a few collective operations
+#
+# Under `torchrun --nproc_per_node=N` N copies of a stage run at once, one per GPU (or CPU process), each holding the
+# whole model. At every step each takes its share of the batch (shard), computes gradients on it, and the gradients
+# are averaged over the processes (average_gradients), so that every process takes the same optimizer step: the
+# step one process would take on the whole batch. What must be a statistic of the whole batch (a mean over tokens,
+# the mean and spread of advantages, a held-out measure) is summed (all_reduce_sum) or gathered (unshard) across
+# processes. In one process every function here hands its input back untouched.
+
+def distributed():
+    """Whether this process is one of several (torchrun started it and its process group is set up)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def shard(items):
+    """This process's share of a list (or range): items rank, rank + N, rank + 2N, ... of N processes."""
+    if not distributed():
+        return items
+    return items[torch.distributed.get_rank()::torch.distributed.get_world_size()]
+
+
+def gather_objects(obj):
+    """[every process's obj], in rank order, on every process (any picklable object)."""
+    if not distributed():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def unshard(part):
+    """Every process's shard(items) put back together in the order of items, on every process."""
+    if not distributed():
+        return part
+    parts = gather_objects(list(part))
+    whole = [None] * sum(len(p) for p in parts)
+    for rank, p in enumerate(parts):
+        whole[rank::len(parts)] = p
+    return whole
+
+
+def all_reduce_sum(x):
+    """x, a tensor or a number, summed over the processes (a number comes back as a float)."""
+    if not distributed():
+        return x
+    # NCCL reduces GPU tensors only; gloo, CPU tensors
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    t = x.detach().to(device, copy=True) if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float64,
+                                                                                  device=device)
+    torch.distributed.all_reduce(t)
+    return t.to(x.device) if torch.is_tensor(x) else t.item()
+
+
+def all_reduce_mean(x):
+    """x averaged over the processes: with shares of equal size, a mean over the shares is a mean over the whole."""
+    if not distributed():
+        return x
+    return all_reduce_sum(x) / torch.distributed.get_world_size()
+
+
+def mean_over_processes(record):
+    """A log record with each of its float values averaged over the processes (ints, such as 'iter', kept)."""
+    if not distributed():
+        return record
+    keys = [k for k, v in record.items() if isinstance(v, float)]
+    means = all_reduce_mean(torch.tensor([record[k] for k in keys], dtype=torch.float64)).tolist()
+    return {**record, **dict(zip(keys, means))}
+
+
+def average_gradients(parameters):
+    """Each gradient replaced by its mean over the processes, so that all of them take the same optimizer step.
+
+    This is what DistributedDataParallel does during the backward pass (train_lm.py uses it), overlapping the
+    communication with the computation. But DDP only sees what runs through the model's forward(), and the later
+    stages reach the model through its hidden states, its scalar head, its token log-probs and generate(); so they
+    average here, after backward: the same numbers, one all-reduce per parameter. A parameter without a gradient
+    gets zeros, so that every process reduces the same tensors in the same order."""
+    if not distributed():
+        return
+    world = torch.distributed.get_world_size()
+    for p in parameters:
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
+def same_weights_everywhere(*models):
+    """Every process's weights made the first process's: a freshly initialised scalar head (the reward model's, PPO's
+    value head) would otherwise start differently in each process, as each seeds its RNG differently."""
+    if not distributed():
+        return
+    for model in models:
+        for t in model.state_dict().values():
+            torch.distributed.broadcast(t, src=0)
 
 
 def grad_scaler(runtime):
@@ -386,6 +492,32 @@ def measure_matmul_flops(device="cpu", n=1024, reps=5, dtype="float32"):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+# Datasheet peaks of dense bfloat16/float16 matrix products on tensor cores (FP32 accumulation), in TFLOP/s: the
+# denominator MFU is usually taken against (nanoGPT: the A100's 312). Matched in order against the GPU's name.
+GPU_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0),
+                   ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.2), ("V100", 125.0)]
+
+
+def datasheet_peak_flops(device, dtype):
+    """This GPU's datasheet peak in FLOP/s for bf16/fp16, or None: a CPU, float32, or a GPU not in the table."""
+    if not device.startswith("cuda") or dtype not in ("bfloat16", "float16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in GPU_PEAK_TFLOPS if key in name), None)
+
+
+def mfu_peak(peak_tflops, runtime):
+    """(FLOP/s, where the number comes from) for MFU: peak_tflops when it is set; else the GPU's datasheet peak;
+    else the matrix products of this device measured here, in the run's dtype."""
+    if peak_tflops > 0:
+        return peak_tflops * 1e12, "set by peak_tflops"
+    datasheet = datasheet_peak_flops(runtime.device, runtime.dtype)
+    if datasheet:
+        return datasheet, f"the datasheet's {runtime.dtype} peak of the {torch.cuda.get_device_name(runtime.device)}"
+    return measure_matmul_flops(runtime.device, dtype=runtime.dtype), (f"{runtime.dtype} matmul measured here; set "
+                                                                         f"peak_tflops to change")
 
 
 def cosine_lr(it, learning_rate, warmup_iters, decay_iters, min_lr):
@@ -776,6 +908,23 @@ def write_jsonl(path, rows):
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def download(url, path, instead):
+    """url saved to path with the standard library (a data set's prepare.py calls it when the file is not there yet),
+    written atomically: an interrupted download leaves nothing behind. Offline, or on any failure, a UserError that
+    says what to do instead (instead: e.g. 'run it with --from_file=<a copy of aclImdb_v1.tar.gz>')."""
+    import urllib.error
+    import urllib.request
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    print(f"downloading {url} to {path} ...", flush=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            content = response.read()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise UserError(f"cannot download {url} ({reason}); {instead}") from None
+    write_atomic(path, lambda f: f.write(content))
+
+
 def before_after_table(before, after, rows, stage):
     """The measures [(label, key)] of the SFT model (before) and of the model a stage trained from it (after), as
     a fixed-width table; a measure the before results lack (the RM score when there is no RM) is left out."""
@@ -989,9 +1138,18 @@ def batch_rows(rows, pad_id, device):
 def complete(model, tok, prompts, max_new_tokens, batch_size=64, device="cpu", autocast=None, greedy=True,
              temperature=1.0, generator=None):
     """Completion texts for prompt strings, cut at end-of-text: batched, left-padded, KV-cached generation.
-    Also returns each row's token ids (prompt, completion) for scoring."""
+    Also returns each row's token ids (prompt, completion) for scoring.
+
+    Under torchrun the prompts are shared out among the processes, each samples from a random stream of its own
+    (drawn from generator), and every process gets all the completions back, in the order of prompts: so every
+    process must call it, with the same prompts."""
     autocast = autocast or contextlib.nullcontext()
     model.eval()
+    if distributed():
+        prompts = shard(prompts)
+        if generator is not None:
+            seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device))
+            generator = torch.Generator(device=generator.device).manual_seed(seed + torch.distributed.get_rank())
     texts, token_rows = [], []
     for i in range(0, len(prompts), batch_size):
         encoded = [tok.encode(p) for p in prompts[i:i + batch_size]]
@@ -1004,4 +1162,4 @@ def complete(model, tok, prompts, max_new_tokens, batch_size=64, device="cpu", a
             cut = row.index(tok.eot_token) if tok.eot_token in row else len(row)
             texts.append(tok.decode(row[:cut]))
             token_rows.append((p, row[:cut + 1]))  # the completion keeps its end-of-text token, if it has one
-    return texts, token_rows
+    return unshard(texts), unshard(token_rows)

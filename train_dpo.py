@@ -27,8 +27,11 @@ training, the task's held-out measures (tasks/pycode.py), as every stage takes t
 Run (after train_sft.py; about 2 minutes on a 2-core laptop CPU; no reward model needed):
     python train_dpo.py config/dpo_small.py
     python sample.py --out_dir=out/dpo_small --start=FILE:prompt.txt --greedy=True
-Anthropic HH-RLHF pairs {"chosen", "rejected"} (full texts) are read too:
-    python train_dpo.py --train_file=hh/train.jsonl --val_file=hh/test.jsonl --init_from=out/sft_gpt2
+Anthropic HH-RLHF pairs {"chosen", "rejected"} (full texts) are read too, with their task's measure (the reward
+model's preference of the policy's responses over the SFT model's):
+    python data/hh_rlhf/prepare.py && python train_dpo.py config/dpo_hh_gpt2.py
+On several GPUs (or, to try it, 2 CPU processes): the pairs of a step are shared out, the losses are those of one
+    torchrun --standalone --nproc_per_node=4 train_dpo.py config/dpo_hh_gpt2.py
 Every key: python train_dpo.py --help
 """
 import hashlib
@@ -40,12 +43,14 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from common import (before_after_table, cosine_lr, field, format_duration, grad_scaler, load_checkpoint, Metrics,
-                    model_from_checkpoint, NonFiniteGuard, optimizer_step, plot_curves, read_jsonl_records,
-                    read_preference_pairs, resume_checkpoint, rng_state, RunConfig, save_checkpoint, set_rng_state,
-                    start_single_process, StopRequest, UserError, write_before_after)
-from tasks import pycode as task
+import tasks
+from common import (average_gradients, before_after_table, cosine_lr, field, format_duration, gather_objects,
+                    grad_scaler, load_checkpoint, mean_over_processes, Metrics, model_from_checkpoint, NonFiniteGuard,
+                    optimizer_step, plot_curves, read_jsonl_records, read_preference_pairs, resume_checkpoint,
+                    rng_state, RunConfig, save_checkpoint, set_rng_state, shard, start_stage, StopRequest, UserError,
+                    write_before_after)
 from tokenizer import get_tokenizer
+from train_grpo import rm_scorer  # the reward model's scores of rows, for a task that measures with it
 from train_rm import batch_indices, encode_pairs, pair_metrics_by_kind, pairwise_loss
 from train_sft import sft_batch
 
@@ -59,13 +64,15 @@ class Config(RunConfig):
     train_file: str = "data/pycode/pref_train.jsonl"  # pairs: ours {"prompt","chosen","rejected","kind"} or HH-RLHF
     val_file: str = "data/pycode/pref_val.jsonl"  # held-out pairs: loss, implicit accuracy, margin, drift per kind
     eval_prompts: str = "data/pycode/prompts_eval.jsonl"  # held-out prompts for the task's measures
+    task: str = "pycode"  # the task module (tasks/<task>.py) that measures the policy on the eval prompts
+    reward_model: str = "none"  # a train_rm.py out_dir the task may measure with (hh_rlhf does); 'none': no RM
     eval_max_prompts: int = field(0, min=0)  # complete this many of the eval prompts; 0 means all of them
     eval_samples: int = field(8, min=0)  # sampled completions per held-out prompt per evaluation: pass@k, KL to SFT
     template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
     beta: float = field(0.1, above=0)  # the weight of the implicit KL to the reference: smaller lets the policy move more
     dpop_lambda: float = field(0.0, min=0)  # DPO-Positive: penalise a chosen response falling below the reference; 0: off
     max_new_tokens: int = field(96, min=1)  # completion length in evaluation: as in train_ppo.py, so the numbers compare
-    batch_size: int = field(16, min=1)  # pairs per step: chosen and rejected go through the model together
+    batch_size: int = field(16, min=1)  # pairs per step (over all processes): chosen and rejected go through together
     eval_batch_size: int = field(32, min=1)  # pairs per forward pass in evaluation and for the reference log-probs
     learning_rate: float = field(5e-5, min=0)  # peak learning rate: small, the policy should stay near the SFT model
     min_lr: float = field(5e-6, min=0)  # the cosine schedule ends here
@@ -160,6 +167,17 @@ def pair_logprobs(model, data, index, pad_id, rt):
     return torch.stack(logp.chunk(2), dim=1)
 
 
+def merged(known):
+    """known (n, 2), NaN where not computed, completed with what the other processes computed (under torchrun each
+    computes the pairs of its own share of every batch): a pair computed by several processes keeps the value of the
+    first of them. In one process, known itself."""
+    parts = gather_objects(known)
+    out = parts[0].clone()
+    for part in parts[1:]:
+        out = torch.where(out.isnan(), part, out)
+    return out
+
+
 @torch.no_grad()
 def logprobs_of_pairs(model, data, batches, pad_id, rt, known=None):
     """Fill known (n, 2), NaN where not yet computed, with the log-probs of the pairs each batch of indices reads,
@@ -183,14 +201,15 @@ def eval_batches(data, batch_size):
 # --------------------------------------------------------------------------------------------------------------
 # evaluation: the held-out pairs, and the task's measures as every stage takes them
 
-def evaluate(policy, ref, val, ref_val, val_batches, eval_set, tok, cfg, rt):
+def evaluate(policy, ref, val, ref_val, val_batches, eval_set, tok, task, scorer, cfg, rt):
     """Loss, implicit accuracy, margin and drift on the held-out pairs; the task's measures of the policy on the
-    held-out prompts and the KL to the reference (tasks/pycode.py), so that SFT, PPO and DPO are measured alike."""
+    held-out prompts and the KL to the reference (tasks/pycode.py), so that SFT, PPO and DPO are measured alike.
+    Under torchrun each process computes a share of the held-out batches (val_batches is this process's share)."""
     policy.eval()
-    logp = logprobs_of_pairs(policy, val, val_batches, tok.eot_token, rt)
+    logp = merged(logprobs_of_pairs(policy, val, val_batches, tok.eot_token, rt))
     stats = pair_stats(logp, ref_val, cfg.beta, val["kinds"], cfg.dpop_lambda)
     gold, completions = task.evaluate_policy(policy, tok, eval_set, cfg.max_new_tokens, rt.device, rt.autocast,
-                                             samples=cfg.eval_samples, ref_model=ref, seed=cfg.seed)
+                                             samples=cfg.eval_samples, ref_model=ref, scorer=scorer, seed=cfg.seed)
     policy.train()
     by_kind = stats.pop("by_kind")
     result = {**{f"val_{k}": v for k, v in stats.items()}, **gold,
@@ -199,7 +218,7 @@ def evaluate(policy, ref, val, ref_val, val_batches, eval_set, tok, cfg, rt):
     return result, completions
 
 
-def describe(m):
+def describe(m, task):
     kinds = ", ".join(f"{k} {a:.2f}" for k, a in sorted(m["val_accuracy_by_kind"].items()))
     penalty = f" (without the penalty {m['val_dpo_loss']:.4f})" if m["val_dpo_loss"] != m["val_loss"] else ""
     return (f"val loss {m['val_loss']:.4f}{penalty}, implicit accuracy {m['val_accuracy']:.3f} ({kinds}), margin "
@@ -207,13 +226,15 @@ def describe(m):
             f"{task.describe(m)}")
 
 
-REPORT_ROWS = task.MEASURES + [("KL to SFT (nats/response)", "kl"), ("val loss", "val_loss"),
-               ("val loss without penalty", "val_dpo_loss"),
-               ("val implicit accuracy", "val_accuracy"), ("val implicit margin", "val_margin"),
-               ("val drift (chosen, nats)", "val_drift"), ("val drift (rejected, nats)", "val_drift_rejected")]
+def report_rows(task):
+    return task.MEASURES + [("KL to SFT (nats/response)", "kl"), ("val loss", "val_loss"),
+                            ("val loss without penalty", "val_dpo_loss"),
+                            ("val implicit accuracy", "val_accuracy"), ("val implicit margin", "val_margin"),
+                            ("val drift (chosen, nats)", "val_drift"),
+                            ("val drift (rejected, nats)", "val_drift_rejected")]
 
 
-def plot(cfg, path):
+def plot(cfg, path, task):
     records = read_jsonl_records(os.path.join(cfg.out_dir, "metrics.jsonl"))
     series = lambda key: tuple(zip(*[(r["iter"], r[key]) for r in records if key in r])) or ((), ())
     accuracy = {"train": series("train_accuracy"), "val": series("val_accuracy")}
@@ -229,15 +250,17 @@ def plot(cfg, path):
               "margin and drift (val)": {"margin r_w - r_l": series("val_margin"),
                                          "drift: log pi/pi_ref, chosen": series("val_drift"),
                                          "log pi/pi_ref, rejected": series("val_drift_rejected")},
-              "held-out prompts, greedy": {"solved, with arguments": series("solved_args"),
-                                           "solved, all": series("solved"), "template share": series("template")}}
+              "held-out prompts": {label: series(key) for label, key in task.CURVES}}
     plot_curves(path, panels, f"DPO (beta {cfg.beta}, dpop_lambda {cfg.dpop_lambda}): {cfg.out_dir}")
 
 
 # --------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg, rt = start_single_process(Config, argv, "train_dpo.py", stage="dpo")
+    cfg, rt = start_stage(Config, argv, "train_dpo.py", stage="dpo")
+    task = tasks.load(cfg.task)
+    if cfg.batch_size % rt.world_size:
+        raise UserError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({rt.world_size})")
 
     # ---- the two models, both the SFT model at the start: the policy (trained) and the reference (frozen)
     ckpt, sft_source = None, cfg.init_from
@@ -258,6 +281,14 @@ def main(argv=None):
     ref.to(rt.device)
     tok = get_tokenizer(sft_ckpt["tokenizer"])
     block_size = policy.config.block_size
+    scorer = None  # the reward model, for a task that measures policies with it
+    if cfg.reward_model != "none":
+        rm_ckpt = load_checkpoint(cfg.reward_model, hint="make it with train_rm.py")
+        if not rm_ckpt["model_args"].get("scalar_head") or rm_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
+            raise UserError(f"{cfg.reward_model} is not a reward model with the policy's tokenizer; make one with "
+                            f"train_rm.py from the same pretraining run")
+        reward_model = model_from_checkpoint(rm_ckpt, cfg.reward_model, dropout=0.0).eval().requires_grad_(False)
+        scorer = rm_scorer(reward_model.to(rt.device), tok, rt)
 
     # ---- data: the reward model's pairs, and the held-out prompts train_ppo.py evaluates on
     train = load_pairs(cfg.train_file, tok, cfg.template, block_size, "train")
@@ -269,7 +300,7 @@ def main(argv=None):
     print(f"{cfg.eval_prompts}: {len(eval_set.prompts)} held-out prompts ({eval_set.dropped} longer than "
           f"{block_size - cfg.max_new_tokens} tokens dropped); policy {policy.get_num_params() / 1e6:.2f}M parameters "
           f"from {sft_source}, beta {cfg.beta}, {cfg.max_iters * cfg.batch_size / len(lengths):.1f} epochs of "
-          f"{len(lengths)} pairs, {rt.device} {rt.dtype}")
+          f"{len(lengths)} pairs, {rt.device} {rt.dtype}, {rt.world_size} process(es)")
 
     # ---- optimizer, and the state of an interrupted run
     scaler = grad_scaler(rt)
@@ -293,11 +324,12 @@ def main(argv=None):
     # a second model per step for numbers that never change, and a pair read again in a later epoch would pay
     # again. The run's batches are known in advance (a pure function of seed and step), so exactly the pairs the
     # run will read are computed, in the batches that first read them; the checkpoint keeps them for a resume.
+    # Under torchrun each process computes those of its own share of each batch, and of the held-out batches.
     t0 = time.time()
-    run_batches = [batch_indices(cfg.seed, s, cfg.batch_size, lengths) for s in range(iter_num, cfg.max_iters)]
+    run_batches = [shard(batch_indices(cfg.seed, s, cfg.batch_size, lengths)) for s in range(iter_num, cfg.max_iters)]
     ref_train = logprobs_of_pairs(ref, train, run_batches, tok.eot_token, rt, known=ref_train)
-    val_batches = eval_batches(val, cfg.eval_batch_size)
-    ref_val = logprobs_of_pairs(ref, val, val_batches, tok.eot_token, rt)
+    val_batches = shard(eval_batches(val, cfg.eval_batch_size))
+    ref_val = merged(logprobs_of_pairs(ref, val, val_batches, tok.eot_token, rt))
     print(f"reference log-probs of {int((~ref_train[:, 0].isnan()).sum())} training and {len(val['kinds'])} held-out "
           f"pairs in {format_duration(time.time() - t0)}")
     raw_policy = policy
@@ -306,7 +338,7 @@ def main(argv=None):
         policy = torch.compile(policy, dynamic=True)  # dynamic: every batch has its own length
 
     # ---- the training loop
-    metrics = Metrics(cfg.out_dir, resume_iter=iter_num if ckpt else None)
+    metrics = Metrics(cfg.out_dir, resume_iter=iter_num if ckpt else None, enabled=rt.is_master)
     resumed_at = iter_num if ckpt else None  # that step's evaluation is already in the metrics and checkpoint
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     interval = {"loss": 0.0, "dpo_loss": 0.0, "accuracy": 0.0, "margin": 0.0, "drift": 0.0}
@@ -324,27 +356,32 @@ def main(argv=None):
             if (iter_num % cfg.eval_interval == 0 or at_end) and iter_num != resumed_at:
                 guard.check()  # a step that went nan or inf stops the run here, before evaluating or saving
                 t0 = time.time()
-                last, completions = evaluate(raw_policy, ref, val, ref_val, val_batches, eval_set, tok, cfg, rt)
+                last, completions = evaluate(raw_policy, ref, val, ref_val, val_batches, eval_set, tok, task, scorer,
+                                             cfg, rt)
                 last_completions = completions[:cfg.eval_samples_shown]
                 before = before or {"metrics": last, "completions": last_completions}
-                print(f"step {iter_num}: {describe(last)} ({format_duration(time.time() - t0)})", flush=True)
+                print(f"step {iter_num}: {describe(last, task)} ({format_duration(time.time() - t0)})", flush=True)
                 metrics.log(iter=iter_num, **last)
-                save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
-                    "stage": "dpo", "model_args": asdict(raw_policy.config), "model": raw_policy.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
-                    "config": asdict(cfg), "rng": rng_state(), "tokenizer": tok.spec, "template": cfg.template,
-                    "before": before, "eval": last, "completions": last_completions, "ref_train": ref_train,
-                    "train_pairs": train_pairs, "sft_source": sft_source})
+                every_ref_train = merged(ref_train)  # under torchrun, every process's pairs
+                if rt.is_master:  # every process holds the same weights: one writes them
+                    save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
+                        "stage": "dpo", "model_args": asdict(raw_policy.config), "model": raw_policy.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
+                        "config": asdict(cfg), "rng": rng_state(), "tokenizer": tok.spec, "template": cfg.template,
+                        "before": before, "eval": last, "completions": last_completions, "ref_train": every_ref_train,
+                        "train_pairs": train_pairs, "sft_source": sft_source})
             if at_end:
                 break
 
-            # one optimizer step on the pairs this step always gets
+            # one optimizer step on the pairs this step always gets (under torchrun, this process's share of them:
+            # every share holds as many pairs, so the mean of the processes' mean losses is the batch's mean loss)
             t0 = time.time()
-            index = batch_indices(cfg.seed, iter_num, cfg.batch_size, lengths)
+            index = shard(batch_indices(cfg.seed, iter_num, cfg.batch_size, lengths))
             logp = pair_logprobs(policy, train, index, tok.eot_token, rt)  # with gradients: the policy moves
             ref_logp = ref_train[index].to(rt.device)  # looked up: computed once, before the loop
             loss = dpo_loss(logp[:, 0], logp[:, 1], ref_logp[:, 0], ref_logp[:, 1], cfg.beta, cfg.dpop_lambda)
             scaler.scale(loss).backward()
+            average_gradients(policy.parameters())
             grad_norm = optimizer_step(optimizer, scaler, policy.parameters(), cfg.grad_clip)
             guard.record(iter_num + 1, loss, grad_norm)
             stats = pair_stats(logp, ref_logp, cfg.beta, [train["kinds"][i] for i in index], cfg.dpop_lambda)
@@ -356,7 +393,7 @@ def main(argv=None):
 
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
                 guard.check()
-                record = {f"train_{k}": v / interval_iters for k, v in interval.items()}
+                record = mean_over_processes({f"train_{k}": v / interval_iters for k, v in interval.items()})
                 dt = interval_time / interval_iters
                 print(f"iter {iter_num}/{cfg.max_iters}: loss {record['train_loss']:.4f}, implicit accuracy "
                       f"{record['train_accuracy']:.3f}, margin {record['train_margin']:+.3f}, drift "
@@ -367,12 +404,13 @@ def main(argv=None):
                 interval_iters, interval_time = 0, 0.0
 
     # ---- the end: the before/after table (printed, report.md, before_after.json), the curves, samples
-    plot(cfg, os.path.join(cfg.out_dir, "dpo.png"))
-    table = before_after_table(before["metrics"], last, REPORT_ROWS, "DPO")
+    table = before_after_table(before["metrics"], last, report_rows(task), "DPO")
     intro = (f"beta {cfg.beta}, dpop_lambda {cfg.dpop_lambda}; {len(eval_set.inputs)} held-out prompts, greedy completions "
              f"(KL from sampled ones); val: {len(val['kinds'])} held-out pairs")
-    write_before_after(cfg.out_dir, "DPO", intro, table, "dpo.png", before,
-                       {"metrics": last, "completions": last_completions}, eval_set.inputs)
+    if rt.is_master:
+        plot(cfg, os.path.join(cfg.out_dir, "dpo.png"), task)
+        write_before_after(cfg.out_dir, "DPO", intro, table, "dpo.png", before,
+                           {"metrics": last, "completions": last_completions}, eval_set.inputs)
     print(table)
     print(f"done: step {iter_num} in {format_duration(time.time() - t_start)}; wrote {cfg.out_dir}/ckpt.pt, "
           f"metrics.jsonl, dpo.png, report.md, before_after.json")

@@ -33,6 +33,10 @@ One iteration, as the loop below reads: 1. rollout (G samples per prompt, the pr
     python train_grpo.py config/grpo_small.py --advantage=dr_grpo      # or rloo, reinforce, reinforce_pp
     python train_grpo.py config/grpo_small.py --kl=k3 --kl_coef=0.04   # DeepSeekMath's KL term
     python train_grpo.py config/grpo_small.py --best_of_n=8 --out_dir=out/bon8_small   # the baseline
+On several GPUs (or, to try it, 2 CPU processes): each process samples the groups of its share of the prompts, so
+group statistics stay within a process; the batch-wide ones (REINFORCE's baseline, REINFORCE++'s whitening) and
+the task's judge take in every process's responses
+    torchrun --standalone --nproc_per_node=4 train_grpo.py config/grpo_imdb_gpt2.py
 Every key: python train_grpo.py --help
 """
 import math
@@ -43,13 +47,14 @@ from typing import Literal
 
 import torch
 
-from common import (batch_rows, before_after_table, field, format_duration, load_checkpoint, Metrics,
-                    model_from_checkpoint, NonFiniteGuard, pad_left, plot_curves, read_jsonl_records, read_prompts,
-                    resume_checkpoint, rng_state, RunConfig, save_checkpoint, set_rng_state, start_single_process,
-                    StopRequest, UserError, write_before_after)
-from tasks import pycode as task
+import tasks
+from common import (average_gradients, batch_rows, before_after_table, field, format_duration, load_checkpoint,
+                    mean_over_processes, Metrics, model_from_checkpoint, NonFiniteGuard, pad_left, plot_curves,
+                    read_jsonl_records, read_prompts, resume_checkpoint, rng_state, RunConfig, save_checkpoint,
+                    set_rng_state, shard, start_stage, StopRequest, UserError, write_before_after)
 from tokenizer import get_tokenizer, tokenizer_name
-from train_ppo import masked_mean, masked_whiten, response_logprobs, response_mask, task_scorer  # shared with PPO
+from train_ppo import (global_masked_mean, masked_mean, masked_whiten, response_logprobs, response_mask,
+                       task_scorer)  # shared with PPO
 from train_rm import reward_at_last_token  # the score, read at the last real token, exactly as the RM was trained
 
 NAMES = {"grpo": "GRPO", "dr_grpo": "Dr. GRPO", "rloo": "RLOO", "reinforce": "REINFORCE", "reinforce_pp": "REINFORCE++"}
@@ -69,6 +74,7 @@ class Config(RunConfig):
     template_window: int = field(256, min=0)  # reward='task': earlier responses judged beside each rollout (templates)
     prompts_file: str = "data/pycode/prompts_train.jsonl"  # rollout prompts {"prompt": ...}
     eval_prompts: str = "data/pycode/prompts_eval.jsonl"  # held-out prompts for the before/after evaluation
+    task: str = "pycode"  # the task module (tasks/<task>.py): its measures, and its judge for reward='task'
     eval_max_prompts: int = field(0, min=0)  # evaluate on this many held-out prompts; 0 means all of them
     eval_samples: int = field(8, min=0)  # sampled completions per held-out prompt per evaluation: pass@k, KL to SFT
     template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
@@ -77,7 +83,7 @@ class Config(RunConfig):
     log_interval: int = 1  # print a line every this many iterations
     best_of_n: int = field(0, min=0)  # > 0: train nothing; evaluate the best of this many SFT samples per prompt
     # rollout
-    batch_size: int = field(8, min=1)  # prompts per rollout, drawn without replacement
+    batch_size: int = field(8, min=1)  # prompts per rollout, drawn without replacement, over all processes
     group_size: int = field(8, min=1)  # G, samples per prompt: batch_size * group_size responses per iteration
     max_new_tokens: int = field(96, min=1)  # response length limit; prompts leaving less room than this are dropped
     temperature: float = field(1.0, above=0)  # sampling temperature of rollouts; log-probs use the same one
@@ -95,7 +101,7 @@ class Config(RunConfig):
     # update
     loss_agg: Literal["auto", "sequence", "token", "constant"] = "auto"  # 'auto': the advantage's own (AUTO_LOSS_AGG)
     update_epochs: int = field(1, min=1)  # passes over each rollout; 1 with one minibatch is strictly on-policy
-    minibatch_size: int = field(0, min=0)  # responses per optimizer step; 0: the whole rollout in one step
+    minibatch_size: int = field(0, min=0)  # responses per optimizer step (over all processes); 0: the whole rollout
     learning_rate: float = field(1e-4, min=0)  # Adam step size
     weight_decay: float = field(0.0, min=0)  # AdamW decay on matrices
     clip_low: float = field(0.2, above=0, below=1)  # the ratio may fall to 1 - clip_low before the clip holds it
@@ -129,10 +135,10 @@ def returns_to_go(rewards, mask, gamma=1.0):
 
 def reinforce_advantages(rewards, mask, gamma=1.0, baseline=True):
     """REINFORCE (Williams 1992): A_t = G_t, less the batch's mean return over all response tokens when baseline
-    (a constant baseline leaves the gradient unbiased and lowers its variance)."""
+    (a constant baseline leaves the gradient unbiased and lowers its variance); under torchrun, the whole batch's."""
     returns = returns_to_go(rewards, mask, gamma)
     if baseline:
-        returns = returns - masked_mean(returns, mask)
+        returns = returns - global_masked_mean(returns, mask)
     return torch.where(mask.bool(), returns, 0.0)
 
 
@@ -163,7 +169,8 @@ def dr_grpo_advantages(rewards, G):
 
 def reinforce_pp_advantages(rewards, mask, gamma=1.0):
     """REINFORCE++: returns-to-go of the per-token rewards (the KL penalty at every token, the score at the last),
-    whitened over every token of the batch: the batch, not the group, is the baseline."""
+    whitened over every token of the batch (every process's share of it): the batch, not the group, is the
+    baseline."""
     return masked_whiten(returns_to_go(rewards, mask, gamma), mask)
 
 
@@ -246,11 +253,11 @@ def rm_scorer(reward_model, tok, rt):
 
 
 def evaluate(policy, ref, reward_model, tok, eval_set, cfg, rt):
-    """The task's held-out measures (tasks/pycode.py) of the policy, with the reward model's mean score of its
+    """The task's held-out measures (tasks/<cfg.task>.py) of the policy, with the reward model's mean score of its
     greedy completions (when there is one) and the KL to the reference from sampled ones."""
-    return task.evaluate_policy(policy, tok, eval_set, cfg.max_new_tokens, rt.device, rt.autocast,
-                                samples=cfg.eval_samples, ref_model=ref, seed=cfg.seed,
-                                scorer=rm_scorer(reward_model, tok, rt) if reward_model is not None else None)
+    return tasks.load(cfg.task).evaluate_policy(
+        policy, tok, eval_set, cfg.max_new_tokens, rt.device, rt.autocast, samples=cfg.eval_samples, ref_model=ref,
+        seed=cfg.seed, scorer=rm_scorer(reward_model, tok, rt) if reward_model is not None else None)
 
 
 @torch.no_grad()
@@ -281,7 +288,7 @@ def best_of_n(policy, tok, eval_set, score, reward_model, cfg, rt):
     for k in sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n}):
         pick = [i * n + j for i, j in enumerate(scores[:, :k].argmax(dim=1).tolist())]  # argmax: the first of ties
         kept = [texts[i] for i in pick]
-        m = task.summarize(eval_set.prompts, kept, eval_set.references, [ended[i] for i in pick])
+        m = tasks.load(cfg.task).summarize(eval_set.prompts, kept, eval_set.references, [ended[i] for i in pick])
         m["mean_length"] = sum(len(rows[i][1]) for i in pick) / len(pick)
         m["no_eot_share"] = 1 - sum(ended[i] for i in pick) / len(pick)
         m["kl"] = best_of_n_kl(k)
@@ -294,8 +301,15 @@ def best_of_n(policy, tok, eval_set, score, reward_model, cfg, rt):
 def main(argv=None, score_fn=None):
     """score_fn(prompt texts, response ids, response mask) -> scores, when given, replaces the task's judge and the
     reward model (the tests use a toy reward with a known optimum)."""
-    cfg, rt = start_single_process(Config, argv, "train_grpo.py", stage="grpo")
+    cfg, rt = start_stage(Config, argv, "train_grpo.py", stage="grpo")
+    task = tasks.load(cfg.task)
     G = cfg.group_size
+    if cfg.best_of_n and (rt.ddp or not hasattr(task, "summarize")):
+        raise UserError("best_of_n evaluates the SFT model in one process, on a task that summarises completions "
+                        "(pycode): start it with python, with task='pycode'")
+    if cfg.minibatch_size % rt.world_size:
+        raise UserError(f"minibatch_size={cfg.minibatch_size} must be divisible by the number of processes "
+                        f"({rt.world_size})")
     if cfg.advantage in GROUP_ESTIMATORS and G < 2 and not cfg.best_of_n:
         raise UserError(f"advantage={cfg.advantage!r} compares the samples of one prompt: group_size must be at "
                         f"least 2 (use advantage='reinforce' for one sample per prompt)")
@@ -318,7 +332,10 @@ def main(argv=None, score_fn=None):
     reward_model, rm_stats = None, (0.0, 1.0)
     recent = list(ckpt.get("recent", [])) if ckpt else []  # the task reward's memory of earlier responses
     if score_fn is None and cfg.reward == "task":
-        score_fn = task_scorer(tok, recent, cfg.template_window)
+        if not hasattr(task, "reward"):
+            raise UserError(f"the task {cfg.task!r} has no judge to reward with (tasks/{cfg.task}.py has no reward()); "
+                            f"use reward='model'")
+        score_fn = task_scorer(tok, recent, cfg.template_window, task)
     if score_fn is None:
         rm_ckpt = load_checkpoint(cfg.reward_model, hint="make it with `python train_rm.py config/rm_small.py`")
         if not rm_ckpt["model_args"].get("scalar_head"):
@@ -358,6 +375,9 @@ def main(argv=None, score_fn=None):
           f"{policy.get_num_params() / 1e6:.2f}M parameters; reward {cfg.reward}")
     if cfg.best_of_n:
         return run_best_of_n(policy, reference, reward_model, tok, eval_set, score, cfg, rt)
+    if min(cfg.batch_size, len(prompts)) % rt.world_size:  # every process samples as many groups
+        raise UserError(f"the {min(cfg.batch_size, len(prompts))} prompts of a rollout (batch_size) must be divisible "
+                        f"by the number of processes ({rt.world_size})")
 
     optimizer = policy.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), rt.device_type)
     start_iter = 0
@@ -367,14 +387,14 @@ def main(argv=None, score_fn=None):
         set_rng_state(ckpt["rng"])
         print(f"resuming from {cfg.out_dir}/ckpt.pt at iteration {start_iter}")
     n_responses = min(cfg.batch_size, len(prompts)) * G
-    minibatch = cfg.minibatch_size or n_responses
+    minibatch = (cfg.minibatch_size or n_responses) // rt.world_size  # each process's share of a minibatch
     print(f"{NAMES[cfg.advantage]}: {min(cfg.batch_size, len(prompts))} prompts x {G} samples per iteration, "
           f"loss aggregation '{loss_agg}', KL {cfg.kl}" + (f" (beta {cfg.kl_coef})" if cfg.kl != "none" else ""))
-    if cfg.update_epochs == 1 and minibatch >= n_responses:
+    if cfg.update_epochs == 1 and minibatch * rt.world_size >= n_responses:
         print("one update per rollout: the ratio pi/pi_old is 1 when the loss is taken, so nothing is clipped and the "
               "loss value is ~0 by design (zero-mean advantages); its gradient, not its value, carries the signal")
 
-    metrics = Metrics(cfg.out_dir, resume_iter=start_iter if ckpt else None)
+    metrics = Metrics(cfg.out_dir, resume_iter=start_iter if ckpt else None, enabled=rt.is_master)
     before = ckpt["before"] if ckpt else None
     generator = torch.Generator(device=rt.device)
     cpu_generator = torch.Generator()
@@ -384,6 +404,8 @@ def main(argv=None, score_fn=None):
     t_start = time.time()
 
     def save(iter_num):
+        if not rt.is_master:  # every process holds the same weights: one writes them
+            return
         save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
             "stage": "grpo", "model_args": asdict(policy.config), "model": policy.state_dict(),
             "optimizer": optimizer.state_dict(), "iter_num": iter_num, "config": asdict(cfg), "rng": rng_state(),
@@ -410,8 +432,10 @@ def main(argv=None, score_fn=None):
             # ---- 1. rollout: G samples of each prompt in one batched, KV-cached call that runs each prompt once;
             # plain temperature sampling, so the log-probs kept with the tokens are log pi_old of what was sampled
             cpu_generator.manual_seed(cfg.seed * 100_003 + it)  # rollouts are a pure function of (seed, iteration)
-            generator.manual_seed(cfg.seed * 100_003 + it)
-            pick = torch.randperm(len(prompts), generator=cpu_generator)[:cfg.batch_size].tolist()
+            generator.manual_seed(cfg.seed * 100_003 + it + rt.rank * 1_000_000_007)  # (and rank: a stream each)
+            # under torchrun each process takes a share of the prompts, and all G samples of each: a group's
+            # statistics (GRPO's mean and std, RLOO's leave-one-out mean) never need another process
+            pick = shard(torch.randperm(len(prompts), generator=cpu_generator)[:cfg.batch_size].tolist())
             prompt_batch, prompt_mask = pad_left([prompt_ids[i] for i in pick], tok.eot_token)
             prompt_batch, prompt_mask = prompt_batch.to(rt.device), prompt_mask.to(rt.device)
             policy.eval()
@@ -456,6 +480,7 @@ def main(argv=None, score_fn=None):
                         stats["kl_loss"].append(kl_loss.item())
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    average_gradients(policy.parameters())
                     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
                     guard.record(it + 1, loss, grad_norm)
                     stats["grad_norm"].append(grad_norm.item())
@@ -474,6 +499,7 @@ def main(argv=None, score_fn=None):
                    "rollout_s": t1 - t0, "score_s": t2 - t1, "update_s": t3 - t2}
             if k1 is not None:
                 row["kl"] = k1.sum(dim=1).mean().item()  # nats per response, to the reference
+            row = mean_over_processes(row)  # each share holds as many responses: the whole batch's means
             metrics.log(**row)
             if (it + 1) % cfg.log_interval == 0:
                 eta = (time.time() - t_start) / (it + 1 - start_iter) * (cfg.max_iters - it - 1)
@@ -486,31 +512,29 @@ def main(argv=None, score_fn=None):
                       flush=True)
 
     # ---- the report: before/after table, curves, samples
-    table = write_report(cfg, before, last_eval, after_completions, eval_set.inputs)
+    table = write_report(cfg, before, last_eval, after_completions, eval_set.inputs, task) if rt.is_master else ""
     print(table)
     print(f"done in {format_duration(time.time() - t_start)}; wrote {cfg.out_dir}/ckpt.pt, metrics.jsonl, grpo.png, "
           f"report.md")
     return {"before": before["metrics"], "after": last_eval}
 
 
-def report_rows(eval_samples):
+def report_rows(eval_samples, task):
     return ([("RM score mean", "rm_score")] + task.MEASURES + [("KL to SFT (nats/response)", "kl")]
             + [(f"pass@{eval_samples}, functions with arguments", f"pass@{eval_samples}_args")])
 
 
-def write_report(cfg, before, after, after_completions, eval_texts):
+def write_report(cfg, before, after, after_completions, eval_texts, task):
     name = NAMES[cfg.advantage]
-    table = before_after_table(before["metrics"], after, report_rows(cfg.eval_samples), name)
+    table = before_after_table(before["metrics"], after, report_rows(cfg.eval_samples, task), name)
     records = read_jsonl_records(os.path.join(cfg.out_dir, "metrics.jsonl"))
     train = [r for r in records if "score" in r]
-    evals = [r for r in records if "eval_solved" in r]
+    evals = [r for r in records if any(k.startswith("eval_") for k in r)]
     series = lambda rs, key: ([r["iter"] for r in rs if key in r], [r[key] for r in rs if key in r])
     panels = {"rollouts": {"score (reward)": series(train, "score"), "groups with no signal": series(
                   train, "no_signal_groups"), "cut at max_new_tokens": series(train, "no_eot_share")},
               "KL to SFT (nats/response)": {"rollout": series(train, "kl"), "held-out": series(evals, "eval_kl")},
-              "held-out prompts, greedy": {"solved, with arguments": series(evals, "eval_solved_args"),
-                                           "solved, all": series(evals, "eval_solved"),
-                                           "template share": series(evals, "eval_template")},
+              "held-out prompts": {label: series(evals, f"eval_{key}") for label, key in task.CURVES},
               "policy": {"entropy (nats/token)": series(train, "entropy"), "clipped low": series(train, "clip_low"),
                          "clipped high": series(train, "clip_high")}}
     if any("eval_rm_score" in r for r in evals):
@@ -527,6 +551,7 @@ def run_best_of_n(policy, reference, reward_model, tok, eval_set, score, cfg, rt
     """--best_of_n=N: the SFT model's greedy measures (before) and best-of-1, 2, ..., N of its samples (after),
     with report.md, before_after.json, metrics.jsonl (one record per k) and best_of_n.png (measures against KL)."""
     t0 = time.time()
+    task = tasks.load(cfg.task)
     before, completions = evaluate(policy, reference(), reward_model, tok, eval_set, cfg, rt)
     print(f"SFT, greedy: {task.describe(before)}", flush=True)
     results = best_of_n(policy, tok, eval_set, score, reward_model, cfg, rt)
@@ -537,7 +562,7 @@ def run_best_of_n(policy, reference, reward_model, tok, eval_set, score, cfg, rt
     n = cfg.best_of_n
     after, kept = results[n]
     name = f"best-of-{n}"
-    table = before_after_table(before, after, report_rows(cfg.eval_samples), name)
+    table = before_after_table(before, after, report_rows(cfg.eval_samples, task), name)
     kl = [m["kl"] for m, _ in results.values()]
     panels = {"held-out prompts": {"solved, with arguments": (kl, [m["solved_args"] for m, _ in results.values()]),
                                    "solved, all": (kl, [m["solved"] for m, _ in results.values()]),

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (optimizer_step, Metrics, dataset_dir, field, NonFiniteGuard, RunConfig, StopRequest, TokenBatches,
                     UserError, cosine_lr, format_duration, grad_scaler, init_model, load_config, make_out_dir,
-                    measure_matmul_flops, plot_curves, print_config, read_jsonl_records, read_meta, rng_state,
+                    mfu_peak, plot_curves, print_config, read_jsonl_records, read_meta, rng_state,
                     save_checkpoint, seed_everything, set_rng_state, setup_runtime)
 from tokenizer import get_tokenizer, tokenizer_name
 
@@ -56,7 +56,7 @@ class Config(RunConfig):
     beta1: float = field(0.9, min=0, below=1)  # AdamW
     beta2: float = field(0.99, min=0, below=1)  # AdamW: 0.99 rather than 0.999, as usual for small batches of tokens
     grad_clip: float = field(1.0, min=0)  # clip the global gradient norm to this; 0 turns clipping off
-    peak_tflops: float = field(0.0, min=0)  # the hardware peak for MFU in TFLOP/s; 0 measures matmuls here, in the run's dtype
+    peak_tflops: float = field(0.0, min=0)  # the hardware peak for MFU in TFLOP/s; 0: a known GPU's datasheet, else measured
     sample_at_end: bool = True  # print a short sample from the trained model
 
 
@@ -139,9 +139,8 @@ def main(argv=None):
     if rt.is_master:
         print(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, tokenizer {tokenizer_name(tokenizer_spec)!r}, "
               f"{tokens_per_iter:,} tokens per step, {rt.world_size} process(es), {rt.device} {rt.dtype}")
-        peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops > 0 else measure_matmul_flops(rt.device, dtype=rt.dtype)
-        print(f"MFU is measured against a peak of {peak / 1e12:.3f} TFLOP/s"
-              + ("" if cfg.peak_tflops > 0 else f" ({rt.dtype} matmul measured here; set peak_tflops to change)"))
+        peak, source = mfu_peak(cfg.peak_tflops, rt)
+        print(f"MFU is measured against a peak of {peak / 1e12:.3f} TFLOP/s ({source})")
 
     # ---- the training loop
     metrics = Metrics(cfg.out_dir, resume_iter=iter_num if ckpt else None, enabled=rt.is_master)

@@ -15,6 +15,10 @@ One iteration, as the loop below reads: 1. rollout  2. score  3. per-token rewar
 
     python train_ppo.py config/ppo_small.py                      # after train_sft.py and train_rm.py
     python train_ppo.py config/ppo_small.py --reward=task        # optimise the task's judge instead of the RM
+    python train_ppo.py config/ppo_imdb_gpt2.py                  # GPT-2 writes positive movie reviews (data/imdb)
+On several GPUs (or, to try it, 2 CPU processes): each process samples its share of the prompts; the advantages
+are whitened over the whole batch, the KL and the template judge see every process's responses
+    torchrun --standalone --nproc_per_node=4 train_ppo.py config/ppo_imdb_gpt2.py
 Every key: python train_ppo.py --help
 """
 import os
@@ -25,11 +29,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common import (batch_rows, before_after_table, dataset_dir, field, format_duration, load_checkpoint, Metrics,
+import tasks
+from common import (all_reduce_mean, all_reduce_sum, average_gradients, batch_rows, before_after_table, dataset_dir,
+                    distributed, field, format_duration, load_checkpoint, mean_over_processes, Metrics,
                     model_from_checkpoint, NonFiniteGuard, pad_left, plot_curves, read_jsonl_records, read_prompts,
-                    resume_checkpoint, rng_state, RunConfig, save_checkpoint, set_rng_state, start_single_process,
-                    StopRequest, TokenBatches, UserError, write_before_after)
-from tasks import pycode as task
+                    resume_checkpoint, rng_state, RunConfig, same_weights_everywhere, save_checkpoint, set_rng_state,
+                    shard, start_stage, StopRequest, TokenBatches, UserError, unshard, write_before_after)
 from tokenizer import get_tokenizer, tokenizer_name
 from train_rm import reward_at_last_token  # the score, read at the last real token, exactly as the RM was trained
 
@@ -43,6 +48,7 @@ class Config(RunConfig):
     template_window: int = field(256, min=0)  # reward='task': earlier responses judged beside each rollout (templates)
     prompts_file: str = "data/pycode/prompts_train.jsonl"  # rollout prompts {"prompt": ...}
     eval_prompts: str = "data/pycode/prompts_eval.jsonl"  # held-out prompts for the before/after evaluation
+    task: str = "pycode"  # the task module (tasks/<task>.py): its measures, and its judge for reward='task'
     eval_max_prompts: int = field(0, min=0)  # evaluate on this many held-out prompts; 0 means all of them
     eval_samples: int = field(8, min=0)  # sampled completions per held-out prompt per evaluation: pass@k, KL to SFT
     template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
@@ -50,7 +56,7 @@ class Config(RunConfig):
     eval_interval: int = 25  # evaluate and save a checkpoint every this many iterations
     log_interval: int = 1  # print a line every this many iterations
     # rollout
-    batch_size: int = field(32, min=1)  # prompts per rollout
+    batch_size: int = field(32, min=1)  # prompts per rollout, over all processes
     max_new_tokens: int = field(96, min=1)  # response length limit; prompts leaving less room than this are dropped
     temperature: float = field(1.0, above=0)  # sampling temperature of rollouts; log-probs use the same one
     # reward
@@ -67,7 +73,7 @@ class Config(RunConfig):
     # update
     critic: Literal["shared", "separate"] = "shared"  # value head on the policy's backbone, or a model from the RM
     ppo_epochs: int = field(4, min=1)  # passes over each rollout
-    minibatch_size: int = field(16, min=1)  # rollouts per gradient step
+    minibatch_size: int = field(16, min=1)  # rollouts per gradient step, over all processes
     learning_rate: float = field(1e-4, min=0)  # Adam step size for policy and critic
     weight_decay: float = field(0.0, min=0)  # AdamW decay on matrices
     clip_range: float = field(0.2, above=0)  # epsilon of the clipped policy objective
@@ -90,10 +96,20 @@ def masked_mean(x, mask):
     return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)
 
 
+def global_masked_mean(x, mask):
+    """masked_mean over every process's positions: under torchrun each holds a share of the batch, and a statistic of
+    the batch is a sum and a count over all of them."""
+    if not distributed():
+        return masked_mean(x, mask)
+    total, count = all_reduce_sum(torch.stack([torch.where(mask.bool(), x, 0.0).sum(), mask.sum().to(x.dtype)]))
+    return total / count.clamp(min=1)
+
+
 def masked_whiten(x, mask, eps=1e-8):
-    """Zero mean, unit variance over the real (mask == 1) positions only; padding stays out of the statistics."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """Zero mean, unit variance over the real (mask == 1) positions only; padding stays out of the statistics.
+    Under torchrun, the mean and variance of the whole batch, every process's share of it."""
+    mean = global_masked_mean(x, mask)
+    var = global_masked_mean((x - mean) ** 2, mask)
     return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
 
 
@@ -186,38 +202,47 @@ def response_mask(responses, eot_token):
     return (~after_eot).float()
 
 
-def task_scorer(tok, recent, window):
-    """The task's judge as a reward (tasks/pycode.py): 1.0 for each response that solves its prompt, else 0.0.
-    The last `window` responses scored before (`recent`, [prompt, text] pairs, kept in the checkpoint) are judged
-    beside each batch, so that a body the policy gives to prompts of different rollouts counts as a template."""
+def task_scorer(tok, recent, window, task=None):
+    """The task's judge as a reward (tasks/pycode.py, unless another task module is given): 1.0 for each response
+    that solves its prompt, else 0.0. The last `window` responses scored before (`recent`, [prompt, text] pairs, kept
+    in the checkpoint) are judged beside each batch, so that a body the policy gives to prompts of different
+    rollouts counts as a template. Under torchrun every process judges the responses of all of them together, as
+    one process would the whole batch, and keeps the scores of its own share; `recent` is the same in each."""
+    task = task or tasks.load("pycode")
+
     def score(prompts, responses, mask):
         texts = [tok.decode([t for t, keep in zip(row, m) if keep and t != tok.eot_token])
                  for row, m in zip(responses.tolist(), mask.tolist())]
         ended = (responses == tok.eot_token).any(dim=1).tolist()
+        prompts, texts, ended = unshard(prompts), unshard(texts), unshard(ended)  # every process's, in batch order
         scores = task.reward(prompts, texts, ended, context=[tuple(pair) for pair in recent[-window:]] if window else ())
         recent.extend([p, t] for p, t in zip(prompts, texts))
         del recent[:-window or len(recent)]
-        return torch.tensor(scores)
+        return torch.tensor(shard(scores))
     return score
 
 
 def evaluate(policy, ref, reward_model, tok, eval_set, cfg, rt):
-    """The task's held-out measures (tasks/pycode.py) of the policy, with the reward model's mean score of its
+    """The task's held-out measures (tasks/<cfg.task>.py) of the policy, with the reward model's mean score of its
     greedy completions and the KL to the reference from sampled ones."""
     def scorer(rows):
         seqs, attn, _ = batch_rows(rows, tok.eot_token, rt.device)
         with rt.autocast:
             return torch.cat([reward_at_last_token(reward_model, s, a) for s, a in zip(seqs.split(64), attn.split(64))])
 
-    return task.evaluate_policy(policy, tok, eval_set, cfg.max_new_tokens, rt.device, rt.autocast,
-                                samples=cfg.eval_samples, ref_model=ref,
-                                scorer=scorer if reward_model is not None else None, seed=cfg.seed)
+    return tasks.load(cfg.task).evaluate_policy(policy, tok, eval_set, cfg.max_new_tokens, rt.device, rt.autocast,
+                                                samples=cfg.eval_samples, ref_model=ref,
+                                                scorer=scorer if reward_model is not None else None, seed=cfg.seed)
 
 
 def main(argv=None, score_fn=None):
     """score_fn(prompt texts, response ids, response mask) -> scores, when given, replaces the reward model
     (the tests use a toy reward with a known optimum)."""
-    cfg, rt = start_single_process(Config, argv, "train_ppo.py", stage="ppo")
+    cfg, rt = start_stage(Config, argv, "train_ppo.py", stage="ppo")
+    task = tasks.load(cfg.task)
+    for key in ("batch_size", "minibatch_size"):
+        if getattr(cfg, key) % rt.world_size:
+            raise UserError(f"{key}={getattr(cfg, key)} must be divisible by the number of processes ({rt.world_size})")
 
     # ---- the four models: policy (trained), critic (trained), reference (frozen SFT), reward model (frozen)
     resuming = cfg.init_from == "resume"
@@ -234,7 +259,10 @@ def main(argv=None, score_fn=None):
     ref = model_from_checkpoint(sft_ckpt, sft_source, dropout=0.0, scalar_head=False).eval().requires_grad_(False)
     recent = list(ckpt.get("recent", [])) if ckpt else []  # the task reward's memory of earlier responses
     if score_fn is None and cfg.reward == "task":
-        score_fn = task_scorer(tok, recent, cfg.template_window)
+        if not hasattr(task, "reward"):
+            raise UserError(f"the task {cfg.task!r} has no judge to reward with (tasks/{cfg.task}.py has no reward()); "
+                            f"use reward='model'")
+        score_fn = task_scorer(tok, recent, cfg.template_window, task)
     reward_model, rm_stats, critic = None, (0.0, 1.0), None
     if score_fn is None or not shared:
         rm_ckpt = load_checkpoint(cfg.reward_model, hint="make it with `python train_rm.py config/rm_small.py`")
@@ -258,6 +286,7 @@ def main(argv=None, score_fn=None):
         if m is not None:
             m.to(rt.device)
     trained = [policy] + ([critic] if critic is not None else [])
+    same_weights_everywhere(*trained)  # the shared critic's fresh value head, above all
     params = [p for m in trained for p in m.parameters()]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
@@ -284,7 +313,7 @@ def main(argv=None, score_fn=None):
           f"{policy.get_num_params() / 1e6:.2f}M "
           f"parameters, critic {cfg.critic}, reward {cfg.reward}")
 
-    metrics = Metrics(cfg.out_dir, resume_iter=start_iter if ckpt else None)
+    metrics = Metrics(cfg.out_dir, resume_iter=start_iter if ckpt else None, enabled=rt.is_master)
     before = ckpt["before"] if ckpt else None
     generator = torch.Generator(device=rt.device)
     cpu_generator = torch.Generator()
@@ -294,6 +323,8 @@ def main(argv=None, score_fn=None):
     t_start = time.time()
 
     def save(iter_num):
+        if not rt.is_master:  # every process holds the same weights: one writes them
+            return
         save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
             "stage": "ppo", "model_args": asdict(policy.config), "model": policy.state_dict(),
             "critic": critic.state_dict() if critic is not None else None, "optimizer": optimizer.state_dict(),
@@ -321,8 +352,8 @@ def main(argv=None, score_fn=None):
             # ---- 1. rollout: sample responses with plain temperature sampling (no top-k/top-p), so that the
             # log-probs kept with them, log pi_old, are those of the distribution the tokens were drawn from
             cpu_generator.manual_seed(cfg.seed * 100_003 + it)  # rollouts are a pure function of (seed, iteration)
-            generator.manual_seed(cfg.seed * 100_003 + it)
-            pick = torch.randint(len(prompts), (cfg.batch_size,), generator=cpu_generator).tolist()
+            generator.manual_seed(cfg.seed * 100_003 + it + rt.rank * 1_000_000_007)  # (and rank: a stream each)
+            pick = shard(torch.randint(len(prompts), (cfg.batch_size,), generator=cpu_generator).tolist())
             prompt_batch, prompt_mask = pad_left([prompt_ids[i] for i in pick], tok.eot_token)
             prompt_batch, prompt_mask = prompt_batch.to(rt.device), prompt_mask.to(rt.device)
             policy.eval()
@@ -362,9 +393,9 @@ def main(argv=None, score_fn=None):
             policy.train()
             stats = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": [], "entropy": [], "ptx": []}
             for epoch in range(cfg.ppo_epochs):
-                order = torch.randperm(cfg.batch_size, generator=cpu_generator).to(rt.device)
+                order = torch.randperm(len(pick), generator=cpu_generator).to(rt.device)
                 epoch_kl = []
-                for mb in order.split(cfg.minibatch_size):
+                for mb in order.split(cfg.minibatch_size // rt.world_size):
                     with rt.autocast:
                         new_logprobs, new_values, entropy = response_logprobs(
                             policy, seqs[mb], attn[mb], P, cfg.temperature, with_values=shared,
@@ -387,6 +418,7 @@ def main(argv=None, score_fn=None):
                         stats["ptx"].append(ptx_loss.item())
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    average_gradients(params)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     guard.record(it + 1, loss, grad_norm)
                     optimizer.step()
@@ -395,13 +427,14 @@ def main(argv=None, score_fn=None):
                     stats["clipfrac"].append(clipfrac.item())
                     stats["approx_kl"].append(approx_kl.item())
                     epoch_kl.append(approx_kl.item())
-                if cfg.early_stop_kl > 0 and sum(epoch_kl) / len(epoch_kl) > cfg.early_stop_kl:
+                if cfg.early_stop_kl > 0 and all_reduce_mean(sum(epoch_kl) / len(epoch_kl)) > cfg.early_stop_kl:
                     break  # the policy already moved far from the one that collected the rollout
             t3 = time.time()
 
             guard.check()  # an update that went nan or inf stops the run before the next rollout samples from it
-            # ---- bookkeeping: the adaptive controller sees the KL of this rollout, per response
-            kl_per_response = kl.sum(dim=1).mean().item()
+            # ---- bookkeeping: the adaptive controller sees the KL of this rollout, per response (of the whole
+            # batch under torchrun: every process must take the same beta)
+            kl_per_response = all_reduce_mean(kl.sum(dim=1).mean().item())
             if cfg.adaptive_kl:
                 kl_ctl.update(kl_per_response, cfg.batch_size)
             explained_var = 1 - masked_mean((returns - values) ** 2, mask) / masked_mean(
@@ -413,6 +446,7 @@ def main(argv=None, score_fn=None):
                    "explained_variance": explained_var.item(), "response_length": mask.sum(1).mean().item(),
                    "no_eot_share": (~has_eot).float().mean().item(), "rollout_s": t1 - t0, "score_s": t2 - t1,
                    "update_s": t3 - t2}
+            row = mean_over_processes(row)  # each share holds as many responses: the whole batch's means
             metrics.log(**row)
             if (it + 1) % cfg.log_interval == 0:
                 eta = (time.time() - t_start) / (it + 1 - start_iter) * (cfg.max_iters - it - 1)
@@ -423,26 +457,24 @@ def main(argv=None, score_fn=None):
                       f"score {t2 - t1:.2f}s update {t3 - t2:.2f}s | eta {format_duration(eta)}", flush=True)
 
     # ---- the report: before/after table, curves, samples
-    table = write_report(cfg, before, last_eval, after_completions, eval_set.inputs)
+    table = write_report(cfg, before, last_eval, after_completions, eval_set.inputs, task) if rt.is_master else ""
     print(table)
     print(f"done in {format_duration(time.time() - t_start)}; wrote {cfg.out_dir}/ckpt.pt, metrics.jsonl, ppo.png, "
           f"report.md")
     return {"before": before["metrics"], "after": last_eval}
 
 
-def write_report(cfg, before, after, after_completions, eval_texts):
+def write_report(cfg, before, after, after_completions, eval_texts, task):
     rows = [("RM score mean", "rm_score")] + task.MEASURES + [("KL to SFT (nats/response)", "kl")]
     rows += [(f"pass@{cfg.eval_samples}, functions with arguments", f"pass@{cfg.eval_samples}_args")]
     table = before_after_table(before["metrics"], after, rows, "PPO")
     records = read_jsonl_records(os.path.join(cfg.out_dir, "metrics.jsonl"))
     train = [r for r in records if "score" in r]
-    evals = [r for r in records if "eval_solved" in r]
+    evals = [r for r in records if any(k.startswith("eval_") for k in r)]
     series = lambda rs, key: ([r["iter"] for r in rs if key in r], [r[key] for r in rs if key in r])
     panels = {"rollout score (reward)": {"score": series(train, "score")},
               "KL to SFT (nats/response)": {"rollout": series(train, "kl"), "held-out": series(evals, "eval_kl")},
-              "held-out prompts, greedy": {"solved, with arguments": series(evals, "eval_solved_args"),
-                                           "solved, all": series(evals, "eval_solved"),
-                                           "template share": series(evals, "eval_template")}}
+              "held-out prompts": {label: series(evals, f"eval_{key}") for label, key in task.CURVES}}
     if any("eval_rm_score" in r for r in evals):
         panels["reward model's score, held-out"] = {"RM score": series(evals, "eval_rm_score")}
     plot_curves(os.path.join(cfg.out_dir, "ppo.png"), panels, f"PPO ({cfg.reward} reward, seed {cfg.seed}): "

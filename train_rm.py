@@ -14,14 +14,20 @@ rejected one y_l is sigma(r(x, y_w) - r(x, y_l)), and we maximise its log-likeli
 Only differences of rewards enter the loss, so the scale's origin is arbitrary: the mean and standard deviation
 of the rewards on held-out responses are saved in the checkpoint, and PPO uses them to standardise its scores.
 With scored examples {"user_input", "completion", "score"} (ChatLLaMA's format) the loss is pointwise instead,
-the mean squared error (r(x, y) - score)^2 (--loss=mse).
+the mean squared error (r(x, y) - score)^2 (--loss=mse), or, for labels 1 and 0 (a positive and a negative movie
+review: data/imdb), the logistic loss -log sigma(r) and -log sigma(-r) (--loss=logistic): r is then a classifier's
+log-odds that the text is positive, the sentiment reward of the IMDB recipe.
 
 (Stiennon et al. 2020, "Learning to summarize from human feedback"; Ouyang et al. 2022, InstructGPT.)
 
 Run (after train_sft.py; about 3 minutes on a 2-core laptop CPU):
     python train_rm.py config/rm_small.py
 Anthropic HH-RLHF pairs {"chosen", "rejected"} (full texts) are read too:
-    python train_rm.py --train_file=hh/train.jsonl --val_file=hh/test.jsonl --init_from=out/sft_gpt2
+    python data/hh_rlhf/prepare.py && python train_rm.py config/rm_hh_gpt2.py
+A sentiment classifier on IMDB's labelled reviews, the reward of the IMDB recipe:
+    python data/imdb/prepare.py && python train_rm.py config/rm_imdb_gpt2.py
+On several GPUs (or, to try it, 2 CPU processes): the batch is shared out, the losses are those of one process
+    torchrun --standalone --nproc_per_node=4 train_rm.py config/rm_hh_gpt2.py
 Every key: python train_rm.py --help
 """
 import functools
@@ -33,11 +39,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common import (cosine_lr, encode_prompt_response, field, format_duration, format_prompt, gpt2_weights,
-                    grad_scaler, load_checkpoint, Metrics, model_from_checkpoint, NonFiniteGuard, optimizer_step,
-                    pad_right, plot_curves, read_jsonl_records, read_preference_pairs, read_scored_examples,
-                    resume_checkpoint, rng_state, RunConfig, save_checkpoint, set_rng_state, start_single_process,
-                    StopRequest, UserError)
+from common import (all_reduce_sum, average_gradients, cosine_lr, encode_prompt_response, field, format_duration,
+                    format_prompt, gpt2_weights, grad_scaler, load_checkpoint, mean_over_processes, Metrics,
+                    model_from_checkpoint, NonFiniteGuard, optimizer_step, pad_right, plot_curves, read_jsonl_records,
+                    read_preference_pairs, read_scored_examples, resume_checkpoint, rng_state, RunConfig,
+                    same_weights_everywhere, save_checkpoint, set_rng_state, shard, start_stage, StopRequest, UserError)
 from tokenizer import get_tokenizer
 
 
@@ -51,13 +57,13 @@ class Config(RunConfig):
     # several files: comma-separated, e.g. the made-up pairs and collect_pairs.py's pairs of the model's own samples
     val_file: str = "data/pycode/pref_val.jsonl"  # held-out data in the same format(s): accuracy and margin per kind
     template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
-    loss: Literal["pairwise", "mse"] = "pairwise"  # 'pairwise': -log sigma(r_w - r_l); 'mse': (r - score)^2
+    loss: Literal["pairwise", "mse", "logistic"] = "pairwise"  # -log sigma(r_w - r_l); (r - score)^2; labels 1/0
     mismatched: bool = False  # also pair each chosen response against another prompt's chosen response (extra rows)
     margin: float = field(0.0, min=0)  # m in -log sigma(r_w - r_l - m): the chosen response should win by at least m
     train_backbone: bool = True  # False trains the scalar head only, on the frozen features of the init model
     frozen_layers: int = field(0, min=0)  # keep the embeddings and the lowest this many blocks fixed: faster steps
     dropout: float = field(0.0, min=0, below=1)  # dropout in the backbone while training
-    batch_size: int = field(16, min=1)  # pairs per step: chosen and rejected go through the model together
+    batch_size: int = field(16, min=1)  # pairs per step (over all processes): chosen and rejected go through together
     eval_batch_size: int = field(64, min=1)  # responses per forward pass in evaluation
     learning_rate: float = field(3e-4, min=0)  # peak learning rate of the backbone, after warm-up
     head_lr_mult: float = field(10.0, min=0)  # the fresh scalar head learns this many times faster than the backbone
@@ -96,6 +102,13 @@ def pairwise_loss(r_chosen, r_rejected, margin=0.0):
 def mse_loss(rewards, scores):
     """Pointwise regression onto given scores: L = mean (r(x, y) - score)^2."""
     return ((rewards - scores) ** 2).mean()
+
+
+def logistic_loss(rewards, labels):
+    """Pointwise classification of labels 1 and 0: r is the log-odds that the label is 1, P(1) = sigma(r), and the
+    loss its mean negative log-likelihood, -log sigma(r) for a 1 and -log sigma(-r) for a 0 (binary cross-entropy).
+    Trained on positive and negative reviews, r is a sentiment score: above 0, the classifier says positive."""
+    return F.binary_cross_entropy_with_logits(rewards, labels)
 
 
 def pair_metrics_by_kind(r_chosen, r_rejected, kinds):
@@ -157,6 +170,9 @@ def load_data(path, cfg, tok, block_size, split):
         data, dropped = encode_scored([x for p in paths for x in read_scored_examples(p)], tok, cfg.template,
                                       block_size)
         n, what = len(data["rows"]), "scored examples"
+        if cfg.loss == "logistic" and set(data["scores"]) - {0.0, 1.0}:
+            raise UserError(f"{path}: loss='logistic' learns labels 1 and 0, but the scores include "
+                            f"{sorted(set(data['scores']) - {0.0, 1.0})[:3]}; use loss='mse' for other scores")
     print(f"{split}: {n} {what} from {path}" + (f"; dropped {dropped} longer than the context ({block_size} "
                                                   f"tokens)" if dropped else ""))
     if n == 0:
@@ -197,17 +213,18 @@ def score_rows(model, rows, pad_id, batch_size, device, autocast):
     """Rewards of many rows, batched by length (little padding), returned in the original order."""
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    out = torch.empty(len(rows))
-    for s in range(0, len(rows), batch_size):
+    out = torch.zeros(len(rows))
+    for s in shard(range(0, len(rows), batch_size)):  # under torchrun, a share of the batches for each process
         index = order[s:s + batch_size]
         out[index] = rewards_of_rows(model, [rows[i] for i in index], pad_id, device, autocast).cpu()
     model.train()
-    return out
+    return all_reduce_sum(out)  # each row was scored by one process, and is 0 in the others' copies
 
 
 def evaluate(model, data, cfg, pad_id, rt):
-    """Held-out loss, accuracy and margin (overall and per kind) for pairs, or loss and correlation for scores;
-    and the mean and std of the rewards of all held-out responses (saved for PPO's score normalisation)."""
+    """Held-out loss, accuracy and margin (overall and per kind) for pairs, loss and correlation for scores, loss and
+    accuracy for labels; and the mean and std of the rewards of all held-out responses (saved for PPO's score
+    normalisation). Under torchrun each process scores a share of the rows."""
     if cfg.loss == "pairwise":
         r = score_rows(model, data["chosen"] + data["rejected"], pad_id, cfg.eval_batch_size, rt.device, rt.autocast)
         r_w, r_l = r[:len(data["chosen"])], r[len(data["chosen"]):]
@@ -222,6 +239,9 @@ def evaluate(model, data, cfg, pad_id, rt):
         scores = torch.tensor(data["scores"])
         corr = torch.corrcoef(torch.stack([r, scores]))[0, 1].item() if len(r) > 1 else float("nan")
         result = {"val_loss": mse_loss(r, scores).item(), "val_correlation": corr}
+        if cfg.loss == "logistic":  # a classifier: its accuracy, r > 0 meaning label 1
+            result = {"val_loss": logistic_loss(r, scores).item(), "val_correlation": corr,
+                      "val_accuracy": ((r > 0).float() == scores).float().mean().item()}
     result["reward_mean"] = r.mean().item()
     result["reward_std"] = r.std().item() if len(r) > 1 else 1.0
     return result
@@ -260,6 +280,8 @@ def train_step_loss(model, data, index, cfg, pad_id, rt):
         return pairwise_loss(r_w, r_l, cfg.margin), accuracy
     r = rewards_of_rows(model, [data["rows"][i] for i in index], pad_id, rt.device, rt.autocast)
     scores = torch.tensor([data["scores"][i] for i in index], device=r.device)
+    if cfg.loss == "logistic":
+        return logistic_loss(r, scores), ((r > 0).float() == scores).float().mean()
     return mse_loss(r, scores), None
 
 
@@ -342,19 +364,24 @@ def plot(cfg, path):
             acc[kind] = tuple(zip(*[(r["iter"], r["val_accuracy_by_kind"][kind]) for r in records
                                     if kind in r.get("val_accuracy_by_kind", {})]))
         panels["held-out accuracy (r_chosen > r_rejected)"] = acc
+    elif cfg.loss == "logistic":
+        panels["held-out accuracy (r > 0 for label 1)"] = {"val": series("val_accuracy")}
     else:
         panels["held-out correlation with the scores"] = {"val": series("val_correlation")}
     plot_curves(path, panels, f"reward model: {cfg.out_dir}")
 
 
 def main(argv=None):
-    cfg, rt = start_single_process(Config, argv, "train_rm.py", stage="rm")
+    cfg, rt = start_stage(Config, argv, "train_rm.py", stage="rm")
+    if cfg.batch_size % rt.world_size:
+        raise UserError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({rt.world_size})")
 
     # ---- the model: backbone + scalar head; the data is tokenized with the backbone's own tokenizer
     model, ckpt, tokenizer_spec, backbone = build_model(cfg)
     for name, p in model.named_parameters():
         p.requires_grad_(is_trained(name, cfg))
     model.to(rt.device)
+    same_weights_everywhere(model)  # the fresh scalar head, above all
     tok = get_tokenizer(tokenizer_spec)
     block_size = model.config.block_size
     train = load_data(cfg.train_file, cfg, tok, block_size, "train")
@@ -380,11 +407,12 @@ def main(argv=None):
     total, trained = (sum(p.numel() for p in model.parameters() if p.requires_grad or everything)
                       for everything in (True, False))
     print(f"reward model: backbone {backbone} ({total / 1e6:.2f}M parameters, {trained / 1e6:.2f}M "
-          f"trained), tokenizer {tok.name!r}, {rt.device} {rt.dtype}; {cfg.max_iters * cfg.batch_size / n_train:.1f} "
-          f"epochs of {n_train} {'pairs' if cfg.loss == 'pairwise' else 'examples'}")
+          f"trained), tokenizer {tok.name!r}, {rt.device} {rt.dtype}, {rt.world_size} process(es); "
+          f"{cfg.max_iters * cfg.batch_size / n_train:.1f} epochs of {n_train} "
+          f"{'pairs' if cfg.loss == 'pairwise' else 'examples'}")
 
     # ---- the training loop
-    metrics = Metrics(cfg.out_dir, resume_iter=iter_num if ckpt else None)
+    metrics = Metrics(cfg.out_dir, resume_iter=iter_num if ckpt else None, enabled=rt.is_master)
     resumed_at = iter_num if ckpt else None  # that step's evaluation is already in the metrics and checkpoint
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     last = {k: ckpt[k] for k in ("val_loss", "val_accuracy", "by_kind") if k in ckpt} if ckpt else {}
@@ -410,23 +438,28 @@ def main(argv=None):
                     line += f", accuracy {last['val_accuracy']:.3f} (" + ", ".join(
                         f"{k} {a:.2f}" for k, a in sorted(record["val_accuracy_by_kind"].items())) + \
                         f"), margin {last['val_margin']:.3f}"
+                elif cfg.loss == "logistic":
+                    line += f", accuracy {last['val_accuracy']:.3f}"
                 else:
                     line += f", correlation {last['val_correlation']:.3f}"
                 print(line + f", rewards {last['reward_mean']:.3f} +- {last['reward_std']:.3f}", flush=True)
                 metrics.log(iter=iter_num, **record)
-                save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
-                    "stage": "rm", "model_args": asdict(model.config), "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
-                    "config": asdict(cfg), "rng": rng_state(), "tokenizer": tokenizer_spec, "backbone": backbone,
-                    **{k: v for k, v in last.items()}})
+                if rt.is_master:  # every process holds the same weights: one writes them
+                    save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
+                        "stage": "rm", "model_args": asdict(model.config), "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
+                        "config": asdict(cfg), "rng": rng_state(), "tokenizer": tokenizer_spec, "backbone": backbone,
+                        **{k: v for k, v in last.items()}})
             if at_end:
                 break
 
-            # one optimizer step on the batch this step always gets
+            # one optimizer step on the batch this step always gets (under torchrun, this process's share of it:
+            # every share holds as many pairs, so the mean of the processes' mean losses is the batch's mean loss)
             t0 = time.time()
-            index = batch_indices(cfg.seed, iter_num, cfg.batch_size, lengths)
+            index = shard(batch_indices(cfg.seed, iter_num, cfg.batch_size, lengths))
             loss, acc = train_step_loss(model, train, index, cfg, tok.eot_token, rt)
             scaler.scale(loss).backward()
+            average_gradients(model.parameters())
             grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
             guard.record(iter_num + 1, loss, grad_norm)
             loss_sum += loss.item()
@@ -439,9 +472,11 @@ def main(argv=None):
                 guard.check()
                 dt = interval_time / interval_iters
                 record = {"train_loss": loss_sum / interval_iters, "lr": lr, "ms_per_iter": dt * 1000}
-                line = f"iter {iter_num}/{cfg.max_iters}: loss {record['train_loss']:.4f}"
-                if cfg.loss == "pairwise":
+                if cfg.loss != "mse":
                     record["train_accuracy"] = acc_sum / interval_iters
+                record = mean_over_processes(record)  # the whole batches' means
+                line = f"iter {iter_num}/{cfg.max_iters}: loss {record['train_loss']:.4f}"
+                if cfg.loss != "mse":
                     line += f", batch accuracy {record['train_accuracy']:.3f}"
                 print(line + f", lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                       f"eta {format_duration((cfg.max_iters - iter_num) * dt)}", flush=True)
@@ -450,7 +485,8 @@ def main(argv=None):
 
     # ---- the end: a plot and a summary per kind
     png = os.path.join(cfg.out_dir, "rm.png")
-    plot(cfg, png)
+    if rt.is_master:
+        plot(cfg, png)
     print(f"done: step {iter_num}, val loss {last.get('val_loss', float('nan')):.4f} in "
           f"{format_duration(time.time() - t_start)}; wrote {cfg.out_dir}/ckpt.pt, metrics.jsonl, rm.png")
     if "by_kind" in last:

@@ -14,14 +14,18 @@ end-of-text after the response, is part of the task: a fine-tuned model ends its
 Before and after training (and at every evaluation) it reports the validation loss on response tokens and the
 task's held-out measures (tasks/pycode.py: how often the greedy completion solves its prompt, i.e. is a valid,
 non-trivial body that reads the function's arguments and is not a template; generated code is never executed),
-and at the end pass@k of sampled completions.
+and at the end pass@k of sampled completions. A task without a judge (alpaca) is measured by the loss alone.
 
 Run (after `python train_lm.py config/lm_small.py`; about 3 minutes on a laptop CPU):
     python train_sft.py config/sft_small.py
     python sample.py --out_dir=out/sft_small --start=FILE:prompt.txt --greedy=True
 Instruction data (Alpaca's {"instruction", "input", "output"} or {"user_input", "completion"} lines):
-    python train_sft.py --init_from=gpt2 --train_file=alpaca.jsonl --val_file=alpaca_val.jsonl --template=instruction
-    python sample.py --out_dir=out/sft --chat=True
+    python data/alpaca/prepare.py && python train_sft.py config/sft_alpaca_gpt2.py
+    python train_sft.py --init_from=gpt2 --train_file=my.jsonl --val_file=my_val.jsonl --template=instruction \
+        --task=alpaca --eval_prompts=none
+    python sample.py --out_dir=out/sft_alpaca_gpt2 --chat=True
+On several GPUs (or, to try it, 2 CPU processes): the batch is shared out, the losses are those of one process
+    torchrun --standalone --nproc_per_node=4 train_sft.py config/sft_alpaca_gpt2.py
 Every key: python train_sft.py --help
 """
 import functools
@@ -33,11 +37,11 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from common import (complete, cosine_lr, encode_prompt_response, field, format_duration, format_prompt, grad_scaler,
-                    init_model, Metrics, NonFiniteGuard, optimizer_step, pad_right, plot_curves, read_jsonl_records,
-                    read_sft_examples, rng_state, RunConfig, save_checkpoint, set_rng_state, start_single_process,
-                    StopRequest, UserError)
-from tasks import pycode as task
+import tasks
+from common import (all_reduce_mean, all_reduce_sum, average_gradients, complete, cosine_lr, encode_prompt_response,
+                    field, format_duration, format_prompt, grad_scaler, init_model, Metrics, NonFiniteGuard,
+                    optimizer_step, pad_right, plot_curves, read_jsonl_records, read_sft_examples, rng_state, RunConfig,
+                    same_weights_everywhere, save_checkpoint, set_rng_state, shard, start_stage, StopRequest, UserError)
 from tokenizer import get_tokenizer
 
 
@@ -50,7 +54,8 @@ class Config(RunConfig):
     # data
     train_file: str = "data/pycode/sft_train.jsonl"  # demonstrations: {"prompt","response"}, Alpaca or ChatLLaMA lines
     val_file: str = "data/pycode/sft_val.jsonl"  # held-out demonstrations: the validation loss on response tokens
-    eval_prompts: str = "data/pycode/prompts_eval.jsonl"  # held-out prompts whose greedy completions are scored
+    eval_prompts: str = "data/pycode/prompts_eval.jsonl"  # held-out prompts the task measures; 'none': the loss only
+    task: str = "pycode"  # the task module (tasks/<task>.py) that reads and measures the eval prompts
     template: Literal["none", "instruction"] = "none"  # 'none': the prompt as it is; 'instruction': Alpaca's template
     block_size: int = field(0, min=0)  # context length; 0: the model's own, smaller crops it; longer examples are dropped
     # evaluation
@@ -59,7 +64,7 @@ class Config(RunConfig):
     max_new_tokens: int = field(96, min=1)  # completion length limit; eval prompts leaving less room than this are dropped
     eval_batch_size: int = field(64, min=1)  # rows per batch in evaluation (loss and generation)
     # optimisation
-    batch_size: int = field(16, min=1)  # examples per step
+    batch_size: int = field(16, min=1)  # examples per step, over all processes
     learning_rate: float = field(3e-4, min=0)  # peak learning rate: below pretraining's, to adapt rather than overwrite
     min_lr: float = field(3e-5, min=0)  # the cosine schedule ends here
     warmup_iters: int = field(20, min=0)  # linear warm-up steps
@@ -105,6 +110,13 @@ def response_loss_sum(model, x, y):
     return nll, int((y != -1).sum())
 
 
+def token_weighted(loss, count):
+    """A process's mean loss over its `count` response tokens, weighted so that its mean over the processes (what
+    averaged gradients take) is the mean over every process's tokens, as one process computes it on the whole
+    batch: loss * count * N / (all tokens). Without it, a token in a shorter share of the batch would weigh more."""
+    return loss * (count / all_reduce_mean(count))
+
+
 def encode_examples(tok, examples, template, block_size):
     """Token ids (prompt, response + end-of-text) of each example, and how many were dropped for not fitting
     the context. An example is never truncated: a cut response would teach the model to stop mid-function."""
@@ -139,30 +151,38 @@ def epoch_order(seed, epoch, n):
 # evaluation
 
 @torch.no_grad()
-def evaluate(model, val_examples, eval_set, tok, cfg, rt, samples=0):
+def evaluate(model, val_examples, eval_set, tok, task, cfg, rt, samples=0):
     """Validation loss on response tokens over every validation example, and the task's measures of greedy
-    completions of the held-out prompts (with `samples` sampled completions per prompt: pass@k too)."""
+    completions of the held-out prompts (with `samples` sampled completions per prompt: pass@k too); with no
+    held-out prompts (eval_set None), the loss alone. Under torchrun each process takes a share of the batches."""
     model.eval()
     nll, count = 0.0, 0
-    for i in range(0, len(val_examples), cfg.eval_batch_size):
+    for i in shard(range(0, len(val_examples), cfg.eval_batch_size)):
         x, y = sft_batch(val_examples[i:i + cfg.eval_batch_size], tok.eot_token)
         with rt.autocast:
             s, c = response_loss_sum(model, x.to(rt.device), y.to(rt.device))
         nll, count = nll + s.item(), count + c
-    measures, completions = task.evaluate_policy(model, tok, eval_set, cfg.max_new_tokens, rt.device, rt.autocast,
-                                                 samples=samples, seed=cfg.seed, batch_size=cfg.eval_batch_size)
+    nll, count = all_reduce_sum(nll), all_reduce_sum(count)
+    measures, completions = {}, []
+    if eval_set is not None:
+        measures, completions = task.evaluate_policy(model, tok, eval_set, cfg.max_new_tokens, rt.device, rt.autocast,
+                                                     samples=samples, seed=cfg.seed, batch_size=cfg.eval_batch_size)
     model.train()
     return {"val_loss": nll / count, **measures}, completions
 
 
-def describe(m):
-    return f"val response loss {m['val_loss']:.4f}; {task.describe(m)}"
+def describe(m, task, eval_set):
+    measured = task.describe(m) if eval_set is not None else "no held-out prompts (eval_prompts='none'): the loss only"
+    return f"val response loss {m['val_loss']:.4f}; {measured}"
 
 
 # --------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg, rt = start_single_process(Config, argv, "train_sft.py", stage="sft")
+    cfg, rt = start_stage(Config, argv, "train_sft.py", stage="sft")
+    task = tasks.load(cfg.task)
+    if cfg.batch_size % rt.world_size:
+        raise UserError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({rt.world_size})")
 
     # ---- model: the pretrained LM (or the SFT run to resume); its tokenizer is the one the data is encoded with
     if cfg.init_from == "scratch":
@@ -197,13 +217,17 @@ def main(argv=None):
             raise UserError(f"{path}: every example is longer than the context ({block_size} tokens)")
     # prompts leaving no room for max_new_tokens are dropped, the same rule every stage uses, so that the
     # measures of all stages are taken on the same prompts
-    eval_set = task.read_eval_set(cfg.eval_prompts, tok, cfg.template, block_size - cfg.max_new_tokens,
-                                  cfg.eval_max_prompts)
-    print(f"{cfg.eval_prompts}: completing {len(eval_set.prompts)} prompts greedily at each evaluation "
-          f"({eval_set.dropped} longer than {block_size - cfg.max_new_tokens} tokens dropped), and {cfg.eval_samples} "
-          f"samples of each at the last")
+    eval_set = None
+    if cfg.eval_prompts != "none":
+        eval_set = task.read_eval_set(cfg.eval_prompts, tok, cfg.template, block_size - cfg.max_new_tokens,
+                                      cfg.eval_max_prompts)
+        print(f"{cfg.eval_prompts}: completing {len(eval_set.prompts)} prompts greedily at each evaluation "
+              f"({eval_set.dropped} longer than {block_size - cfg.max_new_tokens} tokens dropped), and "
+              f"{cfg.eval_samples} samples of each at the last; task {cfg.task!r}")
+    else:
+        print("eval_prompts='none': no held-out prompts are completed; the model is measured by its validation loss")
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, tokenizer {tok.name!r}, context "
-          f"{block_size}, template {cfg.template!r}, {rt.device} {rt.dtype}")
+          f"{block_size}, template {cfg.template!r}, {rt.device} {rt.dtype}, {rt.world_size} process(es)")
 
     # ---- optimizer, and the state of an interrupted run
     scaler = grad_scaler(rt)
@@ -217,12 +241,13 @@ def main(argv=None):
         set_rng_state(ckpt["rng"])
         print(f"resuming from {cfg.out_dir}/ckpt.pt at step {iter_num}")
     raw_model = model
+    same_weights_everywhere(raw_model)
     if cfg.compile:
         print("compiling the model (the first steps take a while)...")
         model = torch.compile(model, dynamic=True)  # dynamic: every batch has its own length
 
     # ---- the training loop
-    metrics = Metrics(cfg.out_dir, resume_iter=iter_num if ckpt else None)
+    metrics = Metrics(cfg.out_dir, resume_iter=iter_num if ckpt else None, enabled=rt.is_master)
     resumed_at = iter_num if ckpt else None  # that step's evaluation is already in the metrics and checkpoint
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     completions = []
@@ -240,27 +265,31 @@ def main(argv=None):
             if (iter_num % cfg.eval_interval == 0 or at_end) and iter_num != resumed_at:
                 guard.check()  # a step that went nan or inf stops the run here, before evaluating or saving
                 t0 = time.time()
-                last, completions = evaluate(raw_model, val_examples, eval_set, tok, cfg, rt,
+                last, completions = evaluate(raw_model, val_examples, eval_set, tok, task, cfg, rt,
                                              samples=cfg.eval_samples if at_end else 0)
                 before = before or last  # the first evaluation is of the initial (pretrained) model
-                print(f"step {iter_num}: {describe(last)} ({format_duration(time.time() - t0)})")
+                print(f"step {iter_num}: {describe(last, task, eval_set)} ({format_duration(time.time() - t0)})")
                 metrics.log(iter=iter_num, **last)
-                save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
-                    "stage": "sft", "model_args": asdict(raw_model.config), "model": raw_model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
-                    "val_loss": last["val_loss"], "eval": last, "before": before, "config": asdict(cfg),
-                    "rng": rng_state(), "tokenizer": tokenizer_spec, "template": cfg.template})
+                if rt.is_master:  # every process holds the same weights: one writes them
+                    save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
+                        "stage": "sft", "model_args": asdict(raw_model.config), "model": raw_model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
+                        "val_loss": last["val_loss"], "eval": last, "before": before, "config": asdict(cfg),
+                        "rng": rng_state(), "tokenizer": tokenizer_spec, "template": cfg.template})
             if at_end:
                 break
 
-            # one optimizer step on one batch of examples
+            # one optimizer step on one batch of examples (under torchrun, this process's share of it)
             t0 = time.time()
-            batch = [train_examples[i] for i in batch_indices(cfg.seed, iter_num, cfg.batch_size, len(train_examples))]
-            x, y = sft_batch(batch, tok.eot_token)
+            index = shard(batch_indices(cfg.seed, iter_num, cfg.batch_size, len(train_examples)))
+            x, y = sft_batch([train_examples[i] for i in index], tok.eot_token)
             x, y = x.to(rt.device), y.to(rt.device)
             with rt.autocast:
                 _, loss = model(x, y)  # the mean over response tokens: y is -1 on prompt and padding
+            if rt.ddp:
+                loss = token_weighted(loss, int((y != -1).sum()))
             scaler.scale(loss).backward()
+            average_gradients(model.parameters())
             grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
             guard.record(iter_num + 1, loss, grad_norm)
             loss_sum += loss.item()
@@ -271,7 +300,8 @@ def main(argv=None):
 
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
                 guard.check()
-                train_loss = loss_sum / interval_iters
+                train_loss = all_reduce_mean(loss_sum / interval_iters)  # the mean over the whole batches
+                tokens = all_reduce_sum(tokens)
                 dt = interval_time / interval_iters
                 eta = (cfg.max_iters - iter_num) * dt
                 print(f"iter {iter_num}/{cfg.max_iters}: response loss {train_loss:.4f}, lr {lr:.2e}, "
@@ -282,23 +312,23 @@ def main(argv=None):
                 loss_sum, tokens, interval_iters, interval_time = 0.0, 0, 0, 0.0
 
     # ---- the end: a plot, a summary and a few completions
-    records = read_jsonl_records(metrics.path)
-    series = lambda key: tuple(zip(*[(r["iter"], r[key]) for r in records if key in r])) or ((), ())
-    panels = {"response loss (nats per token)": {"train": series("train_loss"), "val": series("val_loss")},
-              "greedy completions of held-out prompts": {
-                  "solved, functions with arguments": series("solved_args"), "solved, all": series("solved"),
-                  "parses": series("parses"), "template share": series("template")}}
-    plot_curves(os.path.join(cfg.out_dir, "sft.png"), panels, f"supervised fine-tuning: {cfg.out_dir}")
+    if rt.is_master:
+        records = read_jsonl_records(metrics.path)
+        series = lambda key: tuple(zip(*[(r["iter"], r[key]) for r in records if key in r])) or ((), ())
+        panels = {"response loss (nats per token)": {"train": series("train_loss"), "val": series("val_loss")}}
+        if eval_set is not None and task.CURVES:
+            panels["greedy completions of held-out prompts"] = {label: series(key) for label, key in task.CURVES}
+        plot_curves(os.path.join(cfg.out_dir, "sft.png"), panels, f"supervised fine-tuning: {cfg.out_dir}")
+    measured = "".join(f", {label} {before[key]:.3f} -> {last[key]:.3f}" for label, key in task.CURVES
+                       if key in before and key in last)
     print(f"done: step {iter_num} in {format_duration(time.time() - t_start)}; "
-          f"val response loss {before['val_loss']:.4f} -> {last['val_loss']:.4f}, "
-          f"solved with arguments {before['solved_args']:.1%} -> {last['solved_args']:.1%}, "
-          f"solved {before['solved']:.1%} -> {last['solved']:.1%}, parses {before['parses']:.1%} -> "
-          f"{last['parses']:.1%} on {len(eval_set.prompts)} held-out prompts; wrote {cfg.out_dir}/ckpt.pt, "
-          f"metrics.jsonl, sft.png")
-    if not completions:  # resumed at the very end: nothing was evaluated in this run
+          f"val response loss {before['val_loss']:.4f} -> {last['val_loss']:.4f}{measured}"
+          + (f" on {len(eval_set.prompts)} held-out prompts" if eval_set is not None else "")
+          + f"; wrote {cfg.out_dir}/ckpt.pt, metrics.jsonl, sft.png")
+    if eval_set is not None and not completions:  # resumed at the very end: nothing was evaluated in this run
         completions, _ = complete(raw_model, tok, eval_set.inputs[:3], cfg.max_new_tokens, device=rt.device,
                                   autocast=rt.autocast)
-    for prompt, completion in list(zip(eval_set.inputs, completions))[:3]:
+    for prompt, completion in list(zip(eval_set.inputs if eval_set is not None else [], completions))[:3]:
         print(f"---------- prompt\n{prompt}---------- completion\n{completion}")
     return {"before": before, "after": last}
 

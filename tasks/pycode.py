@@ -341,6 +341,9 @@ MEASURES = [("solved, functions with arguments", "solved_args"), ("solved, all p
             ("parses", "parses"), ("reads an argument", "reads_args"), ("template share", "template"),
             ("trivial", "trivial"), ("similarity to real body (chrF)", "chrf"), ("distinct bodies / prompts", "distinct"),
             ("mean response tokens", "mean_length")]
+# the measures the stages plot over training
+CURVES = [("solved, functions with arguments", "solved_args"), ("solved, all", "solved"), ("parses", "parses"),
+          ("template share", "template")]
 
 
 def describe(m):

@@ -191,3 +191,31 @@ def test_gpt2_weights_from_a_directory_that_is_not_gpt2s_are_a_one_line_error(tm
     (tmp_path / "config.json").write_text('{"activation_function": "relu"}')
     with pytest.raises(UserError, match=r"cannot load GPT-2 weights from .*: .*activation 'relu' is not GPT-2's"):
         gpt2_weights(str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# several processes, and the peak MFU is taken against
+
+def test_in_one_process_the_collective_helpers_hand_their_input_back():
+    import common
+    items = [3, 1, 4, 1, 5]
+    assert common.shard(items) is items and common.unshard(items) == items
+    assert common.gather_objects({"a": 1}) == [{"a": 1}]
+    x = torch.tensor([1.0, 2.0])
+    assert common.all_reduce_sum(x) is x and common.all_reduce_mean(2.5) == 2.5
+    record = {"iter": 3, "loss": 0.5}
+    assert common.mean_over_processes(record) is record
+
+
+def test_mfu_is_taken_against_the_configured_peak_else_a_known_gpus_datasheet_else_a_measurement(monkeypatch):
+    import common
+    cpu = common.Runtime("cpu", "cpu", "float32", None)
+    assert common.mfu_peak(2.0, cpu) == (2e12, "set by peak_tflops")
+    assert common.datasheet_peak_flops("cpu", "bfloat16") is None
+    assert "measured here" in common.mfu_peak(0.0, cpu)[1]
+    for name, tflops in (("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-40GB", 312.0),
+                         ("NVIDIA H200", 989.0), ("Some Future GPU", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        peak = common.datasheet_peak_flops("cuda", "bfloat16")
+        assert peak == (tflops * 1e12 if tflops else None), name
+    assert common.datasheet_peak_flops("cuda", "float32") is None  # the table is of bf16/fp16 tensor-core peaks

@@ -271,3 +271,13 @@ def test_a_missing_init_checkpoint_names_the_command_that_makes_it(tmp_path, pre
         train_rm.main([f"--init_from={tmp_path / 'sft_small'}", f"--out_dir={tmp_path / 'o'}", "--device=cpu"])
     with pytest.raises(UserError, match=r"init_from='resume' continues a run"):
         train_rm.main(["--init_from=resume", f"--out_dir={tmp_path / 'o'}", "--device=cpu"])
+
+
+def test_logistic_loss_is_the_binary_cross_entropy_of_labels_by_hand_and_other_scores_are_refused(tmp_path):
+    rewards, labels = torch.tensor([2.0, -1.0, 0.0]), torch.tensor([1.0, 0.0, 1.0])
+    by_hand = (math.log(1 + math.exp(-2.0)) + math.log(1 + math.exp(-1.0)) + math.log(2)) / 3  # -log sigma(+-r)
+    assert train_rm.logistic_loss(rewards, labels).item() == pytest.approx(by_hand, abs=1e-6)
+    scored = write_jsonl(tmp_path / "scored.jsonl", [{"user_input": "x", "completion": " y", "score": 0.5}])
+    cfg = train_rm.Config(loss="logistic")
+    with pytest.raises(UserError, match=r"loss='logistic' learns labels 1 and 0, but the scores include \[0.5\]"):
+        train_rm.load_data(scored, cfg, get_tokenizer("byte"), 64, "train")
