@@ -56,6 +56,7 @@ class Config:
     long_run: bool = True  # the first seed of each RL stage runs to twice the config's iterations
     jobs: int = field(2, min=1)  # RL runs at once, one thread each: on 2 cores, two such runs beat one after the other
     compare: bool = False  # also GRPO on the reward model, Dr. GRPO, RLOO and best-of-N, over the same seeds
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # every stage's precision ('auto': bf16 where native)
     tiny: bool = False  # seconds, not minutes: tiny models and data, to check that the plumbing works
 
 
@@ -82,7 +83,8 @@ def stages(cfg):
     data = "data/pycode" if not cfg.tiny else os.path.join(cfg.out, "data")
     out = lambda name: os.path.join(cfg.out, name)
     custom = cfg.out != "out" or cfg.tiny
-    extra = {name: ([f"--out_dir={out(name)}"] if custom else [])
+    precision = [f"--dtype={cfg.dtype}"] if cfg.dtype != "auto" else []
+    extra = {name: ([f"--out_dir={out(name)}"] if custom else []) + precision
              for name in ("lm_small", "sft_small", "pairs_small", "rm_small", "ppo_small", "grpo_small", "dpo_small")}
     prepare = [py, "data/pycode/prepare.py"]
     if cfg.tiny:
