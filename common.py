@@ -1070,6 +1070,8 @@ def read_scored_examples(path):
 def read_prompts(path, tok, template, max_len):
     """Prompts {"prompt": ...} as raw text, with the template applied, and as token ids; prompts longer than
     max_len tokens (those that would leave too little room to answer) are dropped and counted."""
+    if max_len < 1:
+        raise UserError("max_new_tokens leaves no room for a prompt in the model's context; lower it below block_size")
     raw, formatted, ids, dropped = [], [], [], 0
     for n, obj in read_jsonl(path):
         prompt = text_field(obj, "prompt", f"{path}:{n}")

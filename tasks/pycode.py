@@ -60,6 +60,8 @@ class EvalSet:
 def read_eval_set(path, tok, template, max_prompt_tokens, limit=0):
     """The held-out prompts {"prompt", "reference"} of a JSONL file whose formatted prompt fits in max_prompt_tokens
     (the first `limit` of them when limit > 0)."""
+    if max_prompt_tokens < 1:
+        raise UserError("max_new_tokens leaves no room for a prompt in the model's context; lower it below block_size")
     inputs, prompts, references, dropped = [], [], [], 0
     for n, obj in read_jsonl(path):
         prompt = text_field(obj, "prompt", f"{path}:{n}")

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from common import read_prompts
 from model import GPT, GPTConfig
 from tasks import pycode as task
 from tokenizer import get_tokenizer
@@ -185,3 +186,6 @@ def test_read_eval_set_keeps_prompts_that_fit_and_their_references(tmp_path):
     assert (s.prompts, s.references, s.dropped) == ([G], ["    return 2 * x\n"], 1)
     with pytest.raises(SystemExit, match="longer than 5 tokens"):
         task.read_eval_set(str(path), tok, "none", 5)
+    for read in (task.read_eval_set, read_prompts):  # max_new_tokens >= block_size
+        with pytest.raises(SystemExit, match="max_new_tokens leaves no room for a prompt"):
+            read(str(path), tok, "none", -99744)
