@@ -708,10 +708,12 @@ def dataset_dir(dataset):
 
 
 def prepare_hint(data_dir):
-    """The command that makes a dataset folder: its own prepare.py, or its parent's with that tokenizer."""
-    if os.path.exists(os.path.join(data_dir, "prepare.py")) or not os.path.exists(
-            os.path.join(os.path.dirname(data_dir), "prepare.py")):
+    """The command that makes a dataset folder: its own prepare.py, or its parent's with that tokenizer, or, for a
+    folder of neither, a prepare script writing into it."""
+    if os.path.exists(os.path.join(data_dir, "prepare.py")):
         return f"run `python {os.path.relpath(os.path.join(data_dir, 'prepare.py'))}` first"
+    if not os.path.exists(os.path.join(os.path.dirname(data_dir), "prepare.py")):
+        return f"make it with a prepare script, e.g. `python data/pycode/prepare.py --out_dir={data_dir}`"
     parent = os.path.relpath(os.path.join(os.path.dirname(data_dir), "prepare.py"))
     return f"run `python {parent} --tokenizer={os.path.basename(data_dir)}` first"
 

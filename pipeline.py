@@ -374,11 +374,17 @@ def write_report(cfg, timings, argv):
         png = os.path.join(cfg.out, f"{stage}_seeds.png")
         plot_seeds(png, stage, title, by_stage[stage])
         sections.append(f"### {title}, every seed\n\n![{title}]({os.path.basename(png)})\n")
-        per_seed = ["| seed | iterations run | solved, with arguments | solved | template | chrF | KL |", "|---" * 7 + "|"]
+        # at the config's last iteration, and along the whole curve: its peak, and where the longest run ended
+        per_seed = ["| seed | iterations run | solved, with arguments | solved | template | chrF | KL | "
+                    "peak of the curve, with arguments (iteration) | last evaluation, with arguments (iteration) |",
+                    "|---" * 9 + "|"]
         for run, r in zip(by_stage[stage], results[stage]):
-            ev = evaluations(run.out_dir)
+            ev = {i: m for i, m in evaluations(run.out_dir).items() if "solved_args" in m}
+            peak = max(ev, key=lambda i: ev[i]["solved_args"]) if ev else None
+            curve = (f"{fmt(ev[peak]['solved_args'])} ({peak}) | {fmt(ev[max(ev)]['solved_args'])} ({max(ev)})"
+                     if ev else "– | –")
             per_seed.append(f"| {run.seed} | {max(ev) if ev else '–'} | {fmt(r.get('solved_args'))} | {fmt(r.get('solved'))} | "
-                            f"{fmt(r.get('template'))} | {fmt(r.get('chrf'))} | {fmt(r.get('kl'))} |")
+                            f"{fmt(r.get('template'))} | {fmt(r.get('chrf'))} | {fmt(r.get('kl'))} | {curve} |")
         sections.append("\n".join(per_seed) + "\n")
     for stage, (title, *_) in RL_STAGES.items():
         stage_report = os.path.join(by_stage[stage][0].out_dir, "report.md")

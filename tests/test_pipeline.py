@@ -47,6 +47,10 @@ def test_tiny_pipeline_runs_every_stage_over_seeds_and_writes_the_report(tmp_pat
     for method in ("PPO", "GRPO", "DPO", "RLOO"):
         row = next(line for line in report.splitlines() if line.startswith(f"| {method} | 2 |"))
         assert row.split(" | ")[2].count("–") == 1, row
+    # each seed's row gives its curve's peak and its last evaluation: the long run's is at twice the iterations
+    ppo_seed1 = next(line for line in report.split("### PPO, every seed")[1].splitlines() if line.startswith("| 1 |"))
+    last_ppo = sorted(pipeline.evaluations(os.path.join(out, "ppo_small", "seed1")))[-1]
+    assert ppo_seed1.endswith(f" ({last_ppo}) |") and ppo_seed1.count("(") == 2, ppo_seed1
     bon = next(line for line in report.splitlines() if line.startswith("| best-of-8, the judge | 2 |"))
     assert f"{math.log(8) - 7 / 8:.3f}" in bon
     printed = capsys.readouterr().out

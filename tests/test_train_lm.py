@@ -89,8 +89,15 @@ def test_corrupt_truncated_or_foreign_checkpoints_are_one_line_errors(tmp_path):
 def test_missing_dataset_names_the_prepare_script(tmp_path):
     empty = tmp_path / "nodata"
     empty.mkdir()
-    with pytest.raises(UserError, match=r"meta.json not found; run `python .*prepare.py` first"):
+    with pytest.raises(UserError, match=r"meta.json not found; make it with a prepare script, e.g. "
+                                        r"`python data/pycode/prepare.py --out_dir=.*nodata`"):
         run(str(empty), tmp_path / "o", "--max_iters=1")
+    (empty / "prepare.py").write_text("")  # a dataset folder with its own script, as data/pycode
+    with pytest.raises(UserError, match=r"meta.json not found; run `python .*nodata/prepare.py` first"):
+        run(str(empty), tmp_path / "o", "--max_iters=1")
+    (empty / "byte").mkdir()  # the other tokenizer's folder inside it, as data/pycode/byte
+    with pytest.raises(UserError, match=r"run `python .*nodata/prepare.py --tokenizer=byte` first"):
+        run(str(empty / "byte"), tmp_path / "o", "--max_iters=1")
 
 
 def test_a_checkpoint_of_another_tokenizer_is_rejected(tmp_path):
