@@ -50,8 +50,7 @@ from common import (average_gradients, before_after_table, cosine_lr, field, for
                     rng_state, RunConfig, save_checkpoint, set_rng_state, shard, start_stage, StopRequest, UserError,
                     write_before_after)
 from tokenizer import get_tokenizer
-from train_grpo import rm_scorer  # the reward model's scores of rows, for a task that measures with it
-from train_rm import batch_indices, encode_pairs, pair_metrics_by_kind, pairwise_loss
+from train_rm import batch_indices, encode_pairs, pair_metrics_by_kind, pairwise_loss, rm_scorer
 from train_sft import sft_batch
 
 

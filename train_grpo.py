@@ -48,14 +48,14 @@ from typing import Literal
 import torch
 
 import tasks
-from common import (average_gradients, batch_rows, before_after_table, field, format_duration, load_checkpoint,
+from common import (average_gradients, before_after_table, field, format_duration, load_checkpoint,
                     mean_over_processes, Metrics, model_from_checkpoint, NonFiniteGuard, pad_left, plot_curves,
                     read_jsonl_records, read_prompts, resume_checkpoint, rng_state, RunConfig, save_checkpoint,
                     set_rng_state, shard, start_stage, StopRequest, UserError, write_before_after)
 from tokenizer import get_tokenizer, tokenizer_name
 from train_ppo import (global_masked_mean, masked_mean, masked_whiten, response_logprobs, response_mask,
                        task_scorer)  # shared with PPO
-from train_rm import reward_at_last_token  # the score, read at the last real token, exactly as the RM was trained
+from train_rm import reward_at_last_token, rm_scorer  # the score, read at the last real token, as the RM was trained
 
 NAMES = {"grpo": "GRPO", "dr_grpo": "Dr. GRPO", "rloo": "RLOO", "reinforce": "REINFORCE", "reinforce_pp": "REINFORCE++"}
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # a response against the other samples of its prompt
@@ -241,16 +241,6 @@ def best_of_n_kl(n):
 
 
 # --------------------------------------------------------------------------------------------------------------
-
-def rm_scorer(reward_model, tok, rt):
-    """rows [(prompt ids, response ids)] -> the reward model's raw scores, as evaluate_policy takes a scorer."""
-    @torch.no_grad()
-    def scorer(rows):
-        seqs, attn, _ = batch_rows(rows, tok.eot_token, rt.device)
-        with rt.autocast:
-            return torch.cat([reward_at_last_token(reward_model, s, a) for s, a in zip(seqs.split(64), attn.split(64))])
-    return scorer
-
 
 def evaluate(policy, ref, reward_model, tok, eval_set, cfg, rt):
     """The task's held-out measures (tasks/<cfg.task>.py) of the policy, with the reward model's mean score of its

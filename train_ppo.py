@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 
 import tasks
-from common import (all_reduce_mean, all_reduce_sum, average_gradients, batch_rows, before_after_table, dataset_dir,
+from common import (all_reduce_mean, all_reduce_sum, average_gradients, before_after_table, dataset_dir,
                     distributed, field, format_duration, load_checkpoint, mean_over_processes, Metrics,
                     model_from_checkpoint, NonFiniteGuard, pad_left, plot_curves, read_jsonl_records, read_prompts,
                     resume_checkpoint, rng_state, RunConfig, same_weights_everywhere, save_checkpoint, set_rng_state,
                     shard, start_stage, StopRequest, TokenBatches, UserError, unshard, write_before_after)
 from tokenizer import get_tokenizer, tokenizer_name
-from train_rm import reward_at_last_token  # the score, read at the last real token, exactly as the RM was trained
+from train_rm import reward_at_last_token, rm_scorer  # the score, read at the last real token, as the RM was trained
 
 
 @dataclass
@@ -225,14 +225,9 @@ def task_scorer(tok, recent, window, task=None):
 def evaluate(policy, ref, reward_model, tok, eval_set, cfg, rt):
     """The task's held-out measures (tasks/<cfg.task>.py) of the policy, with the reward model's mean score of its
     greedy completions and the KL to the reference from sampled ones."""
-    def scorer(rows):
-        seqs, attn, _ = batch_rows(rows, tok.eot_token, rt.device)
-        with rt.autocast:
-            return torch.cat([reward_at_last_token(reward_model, s, a) for s, a in zip(seqs.split(64), attn.split(64))])
-
+    scorer = rm_scorer(reward_model, tok, rt) if reward_model is not None else None
     return tasks.load(cfg.task).evaluate_policy(policy, tok, eval_set, cfg.max_new_tokens, rt.device, rt.autocast,
-                                                samples=cfg.eval_samples, ref_model=ref,
-                                                scorer=scorer if reward_model is not None else None, seed=cfg.seed)
+                                                samples=cfg.eval_samples, ref_model=ref, seed=cfg.seed, scorer=scorer)
 
 
 def main(argv=None, score_fn=None):

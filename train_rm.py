@@ -39,8 +39,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common import (all_reduce_sum, average_gradients, cosine_lr, encode_prompt_response, field, format_duration,
-                    format_prompt, gpt2_weights, grad_scaler, load_checkpoint, mean_over_processes, Metrics,
+from common import (all_reduce_sum, average_gradients, batch_rows, cosine_lr, encode_prompt_response, field,
+                    format_duration, format_prompt, gpt2_weights, grad_scaler, load_checkpoint, mean_over_processes, Metrics,
                     model_from_checkpoint, NonFiniteGuard, optimizer_step, pad_right, plot_curves, read_jsonl_records,
                     read_preference_pairs, read_scored_examples, resume_checkpoint, rng_state, RunConfig,
                     same_weights_everywhere, save_checkpoint, set_rng_state, shard, start_stage, StopRequest, UserError)
@@ -91,6 +91,17 @@ def reward_at_last_token(model, ids, mask):
     T = mask.size(1)
     last = T - 1 - mask.flip(1).float().argmax(dim=1)  # the right-most position with mask == 1
     return model.scalar(hidden)[torch.arange(ids.size(0), device=ids.device), last].float()
+
+
+def rm_scorer(reward_model, tok, rt):
+    """rows [(prompt ids, response ids)] -> the reward model's raw scores, as the tasks' evaluate_policy takes a
+    scorer: what PPO, GRPO and DPO report as the reward model's score of their completions."""
+    @torch.no_grad()
+    def scorer(rows):
+        seqs, attn, _ = batch_rows(rows, tok.eot_token, rt.device)
+        with rt.autocast:
+            return torch.cat([reward_at_last_token(reward_model, s, a) for s, a in zip(seqs.split(64), attn.split(64))])
+    return scorer
 
 
 def pairwise_loss(r_chosen, r_rejected, margin=0.0):

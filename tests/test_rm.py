@@ -3,6 +3,7 @@ preference readers, per-kind accuracy, and a tiny run end to end (checkpoint, me
 import contextlib
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -56,6 +57,20 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding():
     assert left[0].item() == pytest.approx(alone[0].item(), abs=1e-5)
     assert torch.allclose(batched2, batched, atol=1e-6)
     assert left[1].item() == pytest.approx(batched[1].item(), abs=1e-5)
+
+
+def test_rm_scorer_scores_prompt_and_response_rows_as_the_reward_model_reads_them_alone():
+    """The scorer the tasks' evaluation takes: each (prompt, response) row scored in a batch of rows of other
+    lengths (prompts padded on the left, responses on the right) is its score alone."""
+    model = tiny_reward_model()
+    rt = SimpleNamespace(device="cpu", autocast=contextlib.nullcontext())
+    rows = [([5, 6], [7, 256]), ([1, 2, 3, 4], [5, 6, 7, 8, 9, 256]), ([9], [256])]
+    scores = train_rm.rm_scorer(model, SimpleNamespace(eot_token=256), rt)(rows)
+    with torch.no_grad():
+        alone = [train_rm.reward_at_last_token(model, torch.tensor([p + r]), torch.ones(1, len(p + r), dtype=torch.long))
+                 for p, r in rows]
+    assert scores.shape == (3,) and not scores.requires_grad
+    assert torch.allclose(scores, torch.cat(alone), atol=1e-5)
 
 
 # ---- the losses
