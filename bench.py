@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 import train_lm
-from common import datasheet_peak_flops, load_config, measure_matmul_flops, read_jsonl_records, setup_runtime
+from common import (datasheet_peak_flops, load_config, machine, measure_matmul_flops, read_jsonl_records,
+                    setup_runtime)
 from model import GPT, GPTConfig
 
 
@@ -158,6 +159,7 @@ def bench_grpo(cfg):
 def main(argv=None):
     cfg = load_config(Config, argv)
     rt = setup_runtime(cfg)
+    print(f"machine: {machine()}")  # every figure below is this machine's
     print(f"torch {torch.__version__}, {rt.device}, {torch.get_num_threads()} threads, {rt.dtype}, "
           f"model {cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.n_head} heads, vocab {cfg.vocab_size}")
     results = {}

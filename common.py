@@ -17,6 +17,7 @@ import inspect
 import json
 import math
 import os
+import platform
 import re
 import signal
 import sys
@@ -257,6 +258,19 @@ def cpu_flags():
             return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:  # not Linux: no cheap way to tell
         return []
+
+
+def machine():
+    """The CPU (model name and the features that decide speed and numerics), cores, OS, Python and torch."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    flags = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags())
+    return (f"{cpu} ({flags or 'features unknown'}), {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
 def cpu_has_native_bf16(flags=None):

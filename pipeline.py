@@ -19,7 +19,6 @@ The report: out/report.md (and the tables are printed at the end).
 """
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from common import (cpu_flags, field, format_duration, load_config, plot_curves, read_jsonl_records, UserError,
+from common import (field, format_duration, load_config, machine, plot_curves, read_jsonl_records, UserError,
                     write_atomic)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -250,20 +249,6 @@ def spread(values):
         return "–"
     mean = sum(values) / len(values)
     return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.3f}–{max(values):.3f})"
-
-
-def machine():
-    """The CPU (model name and the features that decide speed and numerics), cores, OS, Python and torch."""
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    flags = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags())
-    return (f"{cpu} ({flags or 'features unknown'}), {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
 def commit():
