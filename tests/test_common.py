@@ -128,7 +128,8 @@ def test_a_resume_keeps_the_records_up_to_its_step_and_drops_a_line_a_kill_cut_s
 # ---- readers
 
 @pytest.mark.parametrize("content, message", [
-    (b'{"tokenizer": "byte", "n_vocab": 2', r"meta.json is not readable JSON .*; make the dataset again: run `python"),
+    (b'{"tokenizer": "byte", "n_vocab": 2', r"meta.json is not readable JSON .*; make the dataset again: make it with "
+                                           r"a prepare script, e.g. `python data/pycode/prepare.py --out_dir="),
     (b'{"tokenizer": "byte"}', r"meta.json lacks n_vocab; make the dataset again"),
     (b'["byte", 257]', r"meta.json lacks tokenizer, n_vocab"),
     (b'{"tokenizer": "caf\xe9"}', r"meta.json is not readable JSON"),
