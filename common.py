@@ -8,6 +8,7 @@ comment each; a config file (Python) overrides some; `--key=value` on the comman
     python train_lm.py config/lm_small.py --max_iters=100 --out_dir=out/try
     python train_lm.py --help          # every key, its default and its meaning
 """
+import argparse
 import ast
 import contextlib
 import ctypes
@@ -40,6 +41,14 @@ class UserError(SystemExit):
 
     def __init__(self, message):
         super().__init__(f"error: {message}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the prepare scripts, whose bad options are one line ('error: ...') like every other script's,
+    not a usage dump."""
+
+    def error(self, message):
+        raise UserError(message)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ An example with an empty instruction or output, or one seen before, is dropped a
     python data/alpaca/prepare.py                                 # downloads alpaca_data.json (once) into data/alpaca
     python data/alpaca/prepare.py --from_file=alpaca_data.json    # a copy you already have
 """
-import argparse
 import hashlib
 import json
 import os
@@ -26,18 +25,14 @@ from collections import Counter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for common.py
-from common import download, make_out_dir, UserError, write_atomic, write_jsonl  # noqa: E402
+from common import ArgumentParser, download, make_out_dir, UserError, write_atomic, write_jsonl  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line instead of a usage dump
-        raise UserError(message)
-
-
 def parse_args(argv=None):
-    p = _Parser(description="Build the alpaca dataset from Stanford Alpaca's alpaca_data.json.", allow_abbrev=False)
+    p = ArgumentParser(description="Build the alpaca dataset from Stanford Alpaca's alpaca_data.json.",
+                       allow_abbrev=False)
     p.add_argument("--from_file", default=None, help="a copy of alpaca_data.json (default: download it into "
                                                      "data/alpaca unless it is there)")
     p.add_argument("--url", default=URL, help="where alpaca_data.json is downloaded from")

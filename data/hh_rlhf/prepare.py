@@ -21,7 +21,6 @@ empty, is dropped and counted. Run from the repo root:
                                                             # Hugging Face dataset): <subset>/{train,test}.jsonl.gz
     python data/hh_rlhf/prepare.py --subsets=helpful-base   # one subset
 """
-import argparse
 import gzip
 import hashlib
 import json
@@ -32,20 +31,15 @@ from collections import Counter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for common.py
-from common import download, make_out_dir, UserError, write_atomic, write_jsonl  # noqa: E402
+from common import ArgumentParser, download, make_out_dir, UserError, write_atomic, write_jsonl  # noqa: E402
 
 URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main"
 SUBSETS = "harmless-base,helpful-base,helpful-online,helpful-rejection-sampled"
 MARKER = "\n\nAssistant:"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line instead of a usage dump
-        raise UserError(message)
-
-
 def parse_args(argv=None):
-    p = _Parser(description="Build the hh_rlhf dataset from Anthropic's HH-RLHF pairs.", allow_abbrev=False)
+    p = ArgumentParser(description="Build the hh_rlhf dataset from Anthropic's HH-RLHF pairs.", allow_abbrev=False)
     p.add_argument("--from_dir", default=None, help="a folder with <subset>/train.jsonl.gz and test.jsonl.gz "
                                                     "(default: download them into data/hh_rlhf/raw unless there)")
     p.add_argument("--url", default=URL, help="where <subset>/<split>.jsonl.gz are downloaded from")

@@ -23,7 +23,6 @@ The review's HTML line breaks (<br />) become newlines. Run from the repo root:
     python data/imdb/prepare.py --from_dir=aclImdb               # ... or the folder it unpacks to
     python data/imdb/prepare.py --tokenizer=byte                 # bytes, into data/imdb/byte (dataset='imdb/byte')
 """
-import argparse
 import hashlib
 import json
 import os
@@ -36,20 +35,15 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for tokenizer.py and common.py
-from common import download, make_out_dir, UserError, write_atomic, write_jsonl  # noqa: E402
+from common import ArgumentParser, download, make_out_dir, UserError, write_atomic, write_jsonl  # noqa: E402
 from tokenizer import get_tokenizer, TOKENIZERS  # noqa: E402
 
 URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 REVIEW = re.compile(r"(?:^|/)aclImdb/(train|test)/(pos|neg|unsup)/(\d+)_(\d+)\.txt$")  # split, label, id, rating
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line instead of a usage dump
-        raise UserError(message)
-
-
 def parse_args(argv=None):
-    p = _Parser(description="Build the imdb dataset from the Stanford IMDB review archive.", allow_abbrev=False)
+    p = ArgumentParser(description="Build the imdb dataset from the Stanford IMDB review archive.", allow_abbrev=False)
     p.add_argument("--from_file", default=None, help="a copy of aclImdb_v1.tar.gz (default: download it into "
                                                      "data/imdb/ unless it is there)")
     p.add_argument("--from_dir", default=None, help="the aclImdb folder the archive unpacks to (or its parent)")

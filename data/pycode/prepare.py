@@ -24,7 +24,6 @@ Run from the repo root:
     python data/pycode/prepare.py --tokenizer=gpt2     # GPT-2's BPE, into data/pycode/gpt2 (dataset='pycode/gpt2')
     python data/pycode/prepare.py --max_body_lines=20  # GPU scale: a bigger model can learn longer bodies
 """
-import argparse
 import ast
 import builtins
 import functools
@@ -44,7 +43,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for tokenizer.py and common.py
-from common import make_out_dir, UserError, write_atomic, write_jsonl  # noqa: E402
+from common import ArgumentParser, make_out_dir, UserError, write_atomic, write_jsonl  # noqa: E402
 from tasks.pycode import argument_names, is_trivial_statement as is_trivial, reads_any  # noqa: E402
 from tokenizer import BPETokenizer, TOKENIZERS, get_tokenizer, train_bpe  # noqa: E402
 
@@ -54,14 +53,8 @@ SPLITS = ("train", "val")
 # -----------------------------------------------------------------------------
 # options
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line instead of a usage dump
-        raise UserError(message)
-
-
 def parse_args(argv=None):
-    p = _Parser(description="Build the pycode dataset from the Python standard library.", allow_abbrev=False)
+    p = ArgumentParser(description="Build the pycode dataset from the Python standard library.", allow_abbrev=False)
     p.add_argument("--tokenizer", default="bpe", help=f"one of {['bpe'] + sorted(TOKENIZERS)}; bpe is learnt here, "
                                                      f"from the train split")
     p.add_argument("--vocab_size", type=int, default=2048, help="with --tokenizer=bpe: the vocabulary size, "
