@@ -12,7 +12,7 @@ shows whether the default stops at a lucky peak.
 
     python pipeline.py                 # about 20 minutes on a 2-core CPU; finished stages are skipped
     python pipeline.py --seeds=1       # one seed per RL stage: a quick look, not a result
-    python pipeline.py --compare=True  # also GRPO on the reward model, Dr. GRPO, RLOO and best-of-8, over the seeds
+    python pipeline.py --compare=True  # also PPO on the judge, GRPO on the RM, Dr. GRPO, RLOO, best-of-8, over the seeds
     python pipeline.py --redo=sft      # run SFT again, and every stage after it
     python pipeline.py --redo=all      # everything from scratch
 The report: out/report.md (and the tables are printed at the end).
@@ -36,7 +36,8 @@ RL_STAGES = {"ppo": ("PPO", "train_ppo.py", "config/ppo_small.py", []),
              "dpo": ("DPO", "train_dpo.py", "config/dpo_small.py", [])}
 # --compare=True adds the other methods, over the same seeds, to the side-by-side table
 BEST_OF = 8
-VARIANTS = {"grpo_rm": ("GRPO on the reward model", "train_grpo.py", "config/grpo_small.py", ["--reward=model"]),
+VARIANTS = {"ppo_task": ("PPO on the judge", "train_ppo.py", "config/ppo_small.py", ["--reward=task"]),
+            "grpo_rm": ("GRPO on the reward model", "train_grpo.py", "config/grpo_small.py", ["--reward=model"]),
             "dr_grpo": ("Dr. GRPO", "train_grpo.py", "config/grpo_small.py", ["--advantage=dr_grpo"]),
             "rloo": ("RLOO", "train_grpo.py", "config/grpo_small.py", ["--advantage=rloo"]),
             "bon_task": (f"best-of-{BEST_OF}, the judge", "train_grpo.py", "config/grpo_small.py",
@@ -48,13 +49,13 @@ STAGE_NAMES = ("prepare", "pretrain", "sft", "pairs", "rm") + tuple(RL_STAGES) +
 
 @dataclass
 class Config:
-    redo: Literal["none", "all", "prepare", "pretrain", "sft", "pairs", "rm", "ppo", "grpo", "dpo", "grpo_rm", "dr_grpo",
-                  "rloo", "bon_task", "bon_rm"] = "none"  # run this stage, and every stage after it, again
+    redo: Literal["none", "all", "prepare", "pretrain", "sft", "pairs", "rm", "ppo", "grpo", "dpo", "ppo_task", "grpo_rm",
+                  "dr_grpo", "rloo", "bon_task", "bon_rm"] = "none"  # run this stage, and every stage after it, again
     out: str = "out"  # where the stages' out_dirs and report.md go
     seeds: int = field(3, min=1)  # each RL stage runs with seeds 1..seeds; the report gives mean, min and max
     long_run: bool = True  # the first seed of each RL stage runs to twice the config's iterations
     jobs: int = field(2, min=1)  # RL runs at once, one thread each: on 2 cores, two such runs beat one after the other
-    compare: bool = False  # also GRPO on the reward model, Dr. GRPO, RLOO and best-of-N, over the same seeds
+    compare: bool = False  # also PPO on the judge, GRPO on the RM, Dr. GRPO, RLOO, best-of-N, over the same seeds
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # every stage's precision ('auto': bf16 where native)
     tiny: bool = False  # seconds, not minutes: tiny models and data, to check that the plumbing works
 

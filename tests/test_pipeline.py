@@ -36,7 +36,7 @@ def test_tiny_pipeline_runs_every_stage_over_seeds_and_writes_the_report(tmp_pat
                     "RM | accuracy: truncated", "## SFT and the RL stages on the held-out prompts",
                     "| method | seeds | solved, with arguments | solved, all | parses | template share |",
                     "| SFT | |", "| PPO | 2 |", "| GRPO | 2 |", "| DPO | 2 |", "| Dr. GRPO | 2 |", "| RLOO | 2 |",
-                    "| GRPO on the reward model | 2 |", "| best-of-8, the judge | 2 |",
+                    "| GRPO on the reward model | 2 |", "| PPO on the judge | 2 |", "| best-of-8, the judge | 2 |",
                     "| best-of-8, the reward model | 2 |",
                     "![PPO](ppo_seeds.png)", "![GRPO](grpo_seeds.png)", "![DPO](dpo_seeds.png)",
                     "## Before and after PPO (seed 1)", "## Before and after GRPO (seed 1)",
@@ -62,5 +62,5 @@ def test_tiny_pipeline_runs_every_stage_over_seeds_and_writes_the_report(tmp_pat
     assert "[pairs] $ python collect_pairs.py config/pairs_small.py" in printed
     # a second run skips every finished run: 5 stages and 2 seeds of each RL stage and of each variant
     pipeline.main(["--tiny=True", f"--out={out}", "--seeds=2", "--compare=True"])
-    assert capsys.readouterr().out.count("done already") == 5 + 3 * 2 + 5 * 2
+    assert capsys.readouterr().out.count("done already") == 5 + 3 * 2 + 6 * 2
     assert read_jsonl_records(os.path.join(out, "ppo_small", "seed1", "metrics.jsonl"))
