@@ -962,13 +962,15 @@ def before_after_table(before, after, rows, stage):
 
 def write_before_after(out_dir, stage, intro, table, png, before, after, prompts):
     """out_dir/report.md (the table, the curves, sample completions before and after) and before_after.json (the
-    measures). before, after: {"metrics": {...}, "completions": [greedy completions of the first prompts]}."""
+    measures). before, after: {"metrics": {...}, "completions": [greedy completions of the prompts shown]}; prompts:
+    those prompts, picked by the task's showcase order (tasks.shown), never by how their completions score."""
     samples = []
     for i, (prompt, b, a) in enumerate(zip(prompts, before["completions"], after["completions"])):
         samples.append(f"### prompt {i + 1}\n```python\n{prompt}```\nSFT (before):\n```python\n{b}\n```\n"
                        f"{stage} (after):\n```python\n{a}\n```\n")
     report = (f"# {stage}: {out_dir}\n\n{intro}\n\n```\n{table}\n```\n\n![curves]({png})\n\n## Samples\n\n"
-              + "\n".join(samples))
+              "Greedy completions of the first held-out prompts in the task's showcase order (pycode: functions that "
+              "take arguments first), the same prompts before and after.\n\n" + "\n".join(samples))
     write_atomic(os.path.join(out_dir, "report.md"), lambda f: f.write(report.encode("utf-8")))
     measures = json.dumps({"before": before["metrics"], "after": after["metrics"]}, indent=1)
     write_atomic(os.path.join(out_dir, "before_after.json"), lambda f: f.write(measures.encode("utf-8")))

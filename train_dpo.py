@@ -296,6 +296,7 @@ def main(argv=None):
     train_pairs = pairs_fingerprint(train)
     eval_set = task.read_eval_set(cfg.eval_prompts, tok, cfg.template, block_size - cfg.max_new_tokens,
                                   cfg.eval_max_prompts)
+    show = tasks.shown(task, eval_set.prompts, cfg.eval_samples_shown)  # the held-out prompts the report shows
     print(f"{cfg.eval_prompts}: {len(eval_set.prompts)} held-out prompts ({eval_set.dropped} longer than "
           f"{block_size - cfg.max_new_tokens} tokens dropped); policy {policy.get_num_params() / 1e6:.2f}M parameters "
           f"from {sft_source}, beta {cfg.beta}, {cfg.max_iters * cfg.batch_size / len(lengths):.1f} epochs of "
@@ -357,7 +358,7 @@ def main(argv=None):
                 t0 = time.time()
                 last, completions = evaluate(raw_policy, ref, val, ref_val, val_batches, eval_set, tok, task, scorer,
                                              cfg, rt)
-                last_completions = completions[:cfg.eval_samples_shown]
+                last_completions = [completions[i] for i in show]
                 before = before or {"metrics": last, "completions": last_completions}
                 print(f"step {iter_num}: {describe(last, task)} ({format_duration(time.time() - t0)})", flush=True)
                 metrics.log(iter=iter_num, **last)
@@ -409,7 +410,7 @@ def main(argv=None):
     if rt.is_master:
         plot(cfg, os.path.join(cfg.out_dir, "dpo.png"), task)
         write_before_after(cfg.out_dir, "DPO", intro, table, "dpo.png", before,
-                           {"metrics": last, "completions": last_completions}, eval_set.inputs)
+                           {"metrics": last, "completions": last_completions}, [eval_set.inputs[i] for i in show])
     print(table)
     print(f"done: step {iter_num} in {format_duration(time.time() - t_start)}; wrote {cfg.out_dir}/ckpt.pt, "
           f"metrics.jsonl, dpo.png, report.md, before_after.json")

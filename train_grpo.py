@@ -360,6 +360,7 @@ def main(argv=None, score_fn=None):
     # raw prompts are what the task's judge reads; prompt_ids what the policy reads (the template applied)
     prompts, _, prompt_ids, dropped = read_prompts(cfg.prompts_file, tok, cfg.template, max_prompt)
     eval_set = task.read_eval_set(cfg.eval_prompts, tok, cfg.template, max_prompt, cfg.eval_max_prompts)
+    show = tasks.shown(task, eval_set.prompts, cfg.eval_samples_shown)  # the held-out prompts the report shows
     print(f"{len(prompts)} rollout prompts ({dropped} longer than {max_prompt} tokens dropped), "
           f"{len(eval_set.prompts)} evaluation prompts ({eval_set.dropped} dropped); policy "
           f"{policy.get_num_params() / 1e6:.2f}M parameters; reward {cfg.reward}")
@@ -400,7 +401,7 @@ def main(argv=None, score_fn=None):
             "stage": "grpo", "model_args": asdict(policy.config), "model": policy.state_dict(),
             "optimizer": optimizer.state_dict(), "iter_num": iter_num, "config": asdict(cfg), "rng": rng_state(),
             "tokenizer": tok.spec, "before": before, "template": cfg.template, "sft_source": sft_source,
-            "eval": last_eval, "completions": after_completions[:cfg.eval_samples_shown], "recent": recent})
+            "eval": last_eval, "completions": after_completions, "recent": recent})
 
     with StopRequest() as stop:
         for it in range(start_iter, cfg.max_iters + 1):
@@ -409,11 +410,11 @@ def main(argv=None, score_fn=None):
             if (it % cfg.eval_interval == 0 or at_end) and not (ckpt and it == start_iter):
                 last_eval, completions = evaluate(policy, ref or reference(), reward_model, tok, eval_set, cfg, rt)
                 if before is None:
-                    before = {"metrics": last_eval, "completions": completions[:cfg.eval_samples_shown]}
+                    before = {"metrics": last_eval, "completions": [completions[i] for i in show]}
                 print(f"eval @ {it}: {task.describe(last_eval)}" + (f"; RM score {last_eval['rm_score']:.3f}"
                                                                      if "rm_score" in last_eval else ""), flush=True)
                 metrics.log(iter=it, **{f"eval_{k}": v for k, v in last_eval.items()})
-                after_completions = completions
+                after_completions = [completions[i] for i in show]
                 save(it)
             if at_end:
                 break
@@ -502,7 +503,7 @@ def main(argv=None, score_fn=None):
                       flush=True)
 
     # ---- the report: before/after table, curves, samples
-    table = write_report(cfg, before, last_eval, after_completions, eval_set.inputs, task) if rt.is_master else ""
+    table = write_report(cfg, before, last_eval, after_completions, eval_set.inputs, show, task) if rt.is_master else ""
     print(table)
     print(f"done in {format_duration(time.time() - t_start)}; wrote {cfg.out_dir}/ckpt.pt, metrics.jsonl, grpo.png, "
           f"report.md")
@@ -514,7 +515,7 @@ def report_rows(eval_samples, task):
             + [(f"pass@{eval_samples}, functions with arguments", f"pass@{eval_samples}_args")])
 
 
-def write_report(cfg, before, after, after_completions, eval_texts, task):
+def write_report(cfg, before, after, after_completions, eval_texts, show, task):
     name = NAMES[cfg.advantage]
     table = before_after_table(before["metrics"], after, report_rows(cfg.eval_samples, task), name)
     records = read_jsonl_records(os.path.join(cfg.out_dir, "metrics.jsonl"))
@@ -533,7 +534,8 @@ def write_report(cfg, before, after, after_completions, eval_texts, task):
                                                                f"KL {cfg.kl}, seed {cfg.seed}): {cfg.out_dir}")
     write_before_after(cfg.out_dir, name, f"advantage: {cfg.advantage}; reward: {cfg.reward}; KL: {cfg.kl}; "
                        f"{len(eval_texts)} held-out prompts, greedy completions (KL and pass@k from sampled ones)",
-                       table, "grpo.png", before, {"metrics": after, "completions": after_completions}, eval_texts)
+                       table, "grpo.png", before, {"metrics": after, "completions": after_completions},
+                       [eval_texts[i] for i in show])
     return table
 
 
@@ -542,6 +544,7 @@ def run_best_of_n(policy, reference, reward_model, tok, eval_set, score, cfg, rt
     with report.md, before_after.json, metrics.jsonl (one record per k) and best_of_n.png (measures against KL)."""
     t0 = time.time()
     task = tasks.load(cfg.task)
+    show = tasks.shown(task, eval_set.prompts, cfg.eval_samples_shown)
     before, completions = evaluate(policy, reference(), reward_model, tok, eval_set, cfg, rt)
     print(f"SFT, greedy: {task.describe(before)}", flush=True)
     results = best_of_n(policy, tok, eval_set, score, reward_model, cfg, rt)
@@ -566,8 +569,8 @@ def run_best_of_n(policy, reference, reward_model, tok, eval_set, score, cfg, rt
                        f"temperature {cfg.temperature}, the one the {cfg.reward} reward scores best kept (before: the "
                        f"SFT model's greedy completions). KL: log n - (n-1)/n, an upper bound when rewards tie. "
                        f"{len(eval_set.inputs)} held-out prompts.", table, "best_of_n.png",
-                       {"metrics": before, "completions": completions[:cfg.eval_samples_shown]},
-                       {"metrics": after, "completions": kept[:cfg.eval_samples_shown]}, eval_set.inputs)
+                       {"metrics": before, "completions": [completions[i] for i in show]},
+                       {"metrics": after, "completions": [kept[i] for i in show]}, [eval_set.inputs[i] for i in show])
     print(table)
     print(f"done in {format_duration(time.time() - t0)}; wrote {cfg.out_dir}/report.md, before_after.json, "
           f"metrics.jsonl, best_of_n.png")

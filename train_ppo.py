@@ -303,6 +303,7 @@ def main(argv=None, score_fn=None):
     # raw prompts are what the task's judge reads; prompt_ids what the policy reads (the template applied)
     prompts, _, prompt_ids, dropped = read_prompts(cfg.prompts_file, tok, cfg.template, max_prompt)
     eval_set = task.read_eval_set(cfg.eval_prompts, tok, cfg.template, max_prompt, cfg.eval_max_prompts)
+    show = tasks.shown(task, eval_set.prompts, cfg.eval_samples_shown)  # the held-out prompts the report shows
     print(f"{len(prompts)} rollout prompts ({dropped} longer than {max_prompt} tokens dropped), "
           f"{len(eval_set.prompts)} evaluation prompts ({eval_set.dropped} dropped); policy "
           f"{policy.get_num_params() / 1e6:.2f}M "
@@ -325,7 +326,7 @@ def main(argv=None, score_fn=None):
             "critic": critic.state_dict() if critic is not None else None, "optimizer": optimizer.state_dict(),
             "iter_num": iter_num, "kl_coef": kl_ctl.beta, "config": asdict(cfg), "rng": rng_state(),
             "tokenizer": tok.spec, "before": before, "template": cfg.template, "sft_source": sft_source,
-            "eval": last_eval, "completions": after_completions[:cfg.eval_samples_shown], "recent": recent})
+            "eval": last_eval, "completions": after_completions, "recent": recent})
 
     with StopRequest() as stop:
         for it in range(start_iter, cfg.max_iters + 1):
@@ -334,11 +335,11 @@ def main(argv=None, score_fn=None):
             if (it % cfg.eval_interval == 0 or at_end) and not (ckpt and it == start_iter):
                 last_eval, completions = evaluate(policy, ref, reward_model, tok, eval_set, cfg, rt)
                 if before is None:
-                    before = {"metrics": last_eval, "completions": completions[:cfg.eval_samples_shown]}
+                    before = {"metrics": last_eval, "completions": [completions[i] for i in show]}
                 print(f"eval @ {it}: {task.describe(last_eval)}; RM score {last_eval.get('rm_score', float('nan')):.3f}",
                       flush=True)
                 metrics.log(iter=it, **{f"eval_{k}": v for k, v in last_eval.items()})
-                after_completions = completions
+                after_completions = [completions[i] for i in show]
                 save(it)
             if at_end:
                 break
@@ -452,14 +453,14 @@ def main(argv=None, score_fn=None):
                       f"score {t2 - t1:.2f}s update {t3 - t2:.2f}s | eta {format_duration(eta)}", flush=True)
 
     # ---- the report: before/after table, curves, samples
-    table = write_report(cfg, before, last_eval, after_completions, eval_set.inputs, task) if rt.is_master else ""
+    table = write_report(cfg, before, last_eval, after_completions, eval_set.inputs, show, task) if rt.is_master else ""
     print(table)
     print(f"done in {format_duration(time.time() - t_start)}; wrote {cfg.out_dir}/ckpt.pt, metrics.jsonl, ppo.png, "
           f"report.md")
     return {"before": before["metrics"], "after": last_eval}
 
 
-def write_report(cfg, before, after, after_completions, eval_texts, task):
+def write_report(cfg, before, after, after_completions, eval_texts, show, task):
     rows = [("RM score mean", "rm_score")] + task.MEASURES + [("KL to SFT (nats/response)", "kl")]
     rows += [(f"pass@{cfg.eval_samples}, functions with arguments", f"pass@{cfg.eval_samples}_args")]
     table = before_after_table(before["metrics"], after, rows, "PPO")
@@ -476,7 +477,7 @@ def write_report(cfg, before, after, after_completions, eval_texts, task):
                                                               f"{cfg.out_dir}")
     write_before_after(cfg.out_dir, "PPO", f"reward: {cfg.reward}; {len(eval_texts)} held-out prompts, greedy "
                        f"completions (KL and pass@k from sampled ones)", table, "ppo.png", before,
-                       {"metrics": after, "completions": after_completions}, eval_texts)
+                       {"metrics": after, "completions": after_completions}, [eval_texts[i] for i in show])
     return table
 
 

@@ -10,6 +10,9 @@ module has
     describe(measures)               one line of them
     MEASURES, CURVES                 [(label, key)]: the rows of the before/after tables, the curves plotted
 
+and may have showcase(prompts), the order in which reports show held-out completions (pycode: functions that take
+arguments first, where a reader can see whether a body belongs to its prompt); `shown` picks them.
+
 and, where the task has them, reward(prompts, completions, ended, context) (a verifiable reward, for RL) and
 grade(prompts, completions, ended) with SOLVED (the labeler collect_pairs.py ranks samples with). A task without
 a judge (alpaca) measures what it can and says so; its stages are measured by their held-out loss.
@@ -23,6 +26,13 @@ from common import UserError
 def names():
     """The tasks there are: the modules of this folder."""
     return sorted(m.name for m in pkgutil.iter_modules(__path__))
+
+
+def shown(task, prompts, k):
+    """Indices of the k held-out prompts whose completions a report shows: the first k in the task's showcase
+    order where it has one, else the first k."""
+    order = task.showcase(prompts) if hasattr(task, "showcase") else range(len(prompts))
+    return list(order)[:k]
 
 
 def load(name):

@@ -236,6 +236,12 @@ def grade(prompts, completions, ended):
 # ----------------------------------------------------------------------------------------------------------
 # similarity to the real body
 
+def showcase(prompts):
+    """The order in which reports show completions: functions that take arguments first (there a reader sees
+    whether a body reads its prompt's names), then the others, each in file order."""
+    return sorted(range(len(prompts)), key=lambda i: not argument_names(prompts[i]))
+
+
 def chrf(hypothesis, reference, max_order=6, beta=2.0):
     """chrF (Popovic 2015): the character n-gram F-score, n = 1..6, whitespace removed, recall weighted beta = 2
     times as much as precision; 0 (nothing shared) to 1 (identical). Precision and recall are each averaged over

@@ -157,8 +157,11 @@ def test_end_to_end_ppo_raises_a_toy_reward_with_a_known_optimum(tmp_path):
     def even_token_share(texts, responses, mask):  # optimum 1.0: every response token an even id
         return (((responses % 2 == 0).float() * mask).sum(1) / mask.sum(1))
 
+    held_out = tmp_path / "held_out.jsonl"  # three functions without arguments first, then three with
+    held_out.write_text("".join(json.dumps({"prompt": f"def g{i}({'self' if i < 3 else 'x'}):\n    \"\"\"G.\"\"\"\n"})
+                                + "\n" for i in range(6)))
     out = tmp_path / "ppo"
-    args = [f"--init_from={sft}", f"--out_dir={out}", f"--prompts_file={prompts}", f"--eval_prompts={prompts}",
+    args = [f"--init_from={sft}", f"--out_dir={out}", f"--prompts_file={prompts}", f"--eval_prompts={held_out}",
             "--max_iters=30", "--eval_interval=30", "--batch_size=32", "--minibatch_size=16", "--max_new_tokens=8",
             "--learning_rate=3e-3", "--kl_coef=0.0", "--missing_eot_penalty=0.0", "--device=cpu", "--log_interval=10"]
     train_ppo.main(args, score_fn=even_token_share)
@@ -170,6 +173,8 @@ def test_end_to_end_ppo_raises_a_toy_reward_with_a_known_optimum(tmp_path):
         assert (out / name).exists()
     report = (out / "report.md").read_text()
     assert "SFT (before)" in report and "PPO (after)" in report and "solved, functions with arguments" in report
+    samples = report.split("## Samples")[1]  # the functions that take arguments are the ones shown
+    assert all(f"def g{i}(x)" in samples for i in (3, 4, 5)) and "def g0(self)" not in samples
 
 
 def test_ppo_resumes_exactly_from_any_checkpoint_the_last_one_included_any_number_of_times(tmp_path):

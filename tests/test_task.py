@@ -87,6 +87,15 @@ def test_pass_at_k_is_any_of_k_samples_solving():
     assert task.pass_at_k(prompts, samples, 2) == (0.5, 1.0)
 
 
+def test_reports_show_functions_that_take_arguments_first_in_file_order():
+    import tasks
+    prompts = ['def a(self):\n    """A."""\n', 'def b(x):\n    """B."""\n', 'def c():\n    """C."""\n',
+               'def d(self, y, z=1):\n    """D."""\n']
+    assert task.showcase(prompts) == [1, 3, 0, 2]
+    assert tasks.shown(task, prompts, 3) == [1, 3, 0]
+    assert tasks.shown(tasks.load("alpaca"), prompts, 2) == [0, 1]  # a task without an order: the first ones
+
+
 def test_grades_rank_solved_over_ignoring_over_trivial_over_broken():
     completions = ["    return g2(x)\n", "    return 2\n", "    pass\n", "    return (x\n", "    return g3(x)\n"]
     assert task.grade([G] * 5, completions, [True, True, True, True, False]) == [task.SOLVED, 2, 1, 0, 0]
