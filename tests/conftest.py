@@ -38,6 +38,31 @@ def write_token_dataset(directory, text=None, tokenizer="byte"):
     return str(directory)
 
 
+def write_jsonl(path, rows):
+    """Rows as JSON lines; a str or bytes row is written as it is (a malformed line)."""
+    import json
+    with open(path, "wb") as f:
+        for row in rows:
+            line = row if isinstance(row, (str, bytes)) else json.dumps(row)
+            f.write((line.encode() if isinstance(line, str) else line) + b"\n")
+    return str(path)
+
+
+# a GPT small enough to train in a second: train_lm.py's arguments
+TINY_LM = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4", "--eval_iters=1",
+           "--log_interval=1", "--device=cpu", "--sample_at_end=False", "--peak_tflops=1.0", "--warmup_iters=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A tiny GPT pretrained for three steps on the tiny token dataset: the start of the later stages' tests."""
+    import train_lm
+    d = tmp_path_factory.mktemp("lm")
+    data = write_token_dataset(d / "data")
+    train_lm.main(TINY_LM + [f"--dataset={data}", f"--out_dir={d / 'lm'}", "--max_iters=3", "--eval_interval=3"])
+    return str(d / "lm")
+
+
 @pytest.fixture
 def token_dataset(tmp_path):
     return write_token_dataset(tmp_path / "data")

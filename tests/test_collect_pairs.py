@@ -9,7 +9,7 @@ import collect_pairs
 import train_rm
 from common import UserError, read_preference_pairs
 from tasks import pycode as task
-from test_rm import tiny_lm, write_jsonl  # noqa: F401  (tiny_lm: a fixture, a tiny trained GPT)
+from conftest import write_jsonl
 
 PROMPT = 'def add(a, b):\n    """Sum."""\n'
 

@@ -16,12 +16,12 @@ import train_dpo
 import train_rm
 import train_sft
 from common import load_checkpoint, read_jsonl_records, save_checkpoint
-from conftest import ROOT
+from conftest import ROOT, write_jsonl
 from ddp_stages import batch, TEMPLATE_PROMPTS
 from model import GPT, GPTConfig
 from test_ppo import toy_prompts
 from test_rm import easy_pairs
-from test_sft import tiny_function, write_jsonl
+from test_sft import tiny_function
 from tokenizer import get_tokenizer
 from train_grpo import grpo_advantages, reinforce_advantages, reinforce_pp_advantages, rloo_advantages
 from train_ppo import masked_whiten, task_scorer

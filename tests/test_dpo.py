@@ -13,7 +13,8 @@ from common import UserError, load_checkpoint, read_jsonl_records, save_checkpoi
 from model import GPT, GPTConfig
 from train_dpo import dpo_loss, implicit_reward, pair_stats, sequence_logprob
 from train_sft import sft_batch
-from test_rm import easy_pairs, write_jsonl  # the same synthetic pairs train_rm.py's tests learn
+from conftest import write_jsonl
+from test_rm import easy_pairs  # the same synthetic pairs train_rm.py's tests learn
 
 
 def tiny_model():

@@ -18,10 +18,10 @@ import train_ppo
 import train_rm
 import train_sft
 from common import read_jsonl_records
-from conftest import write_token_dataset
+from conftest import write_jsonl, write_token_dataset
 from test_ppo import toy_prompts
 from test_rm import easy_pairs
-from test_sft import tiny_function, write_jsonl
+from test_sft import tiny_function
 
 DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA GPU here")

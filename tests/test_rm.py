@@ -1,36 +1,21 @@
 """train_rm.py: the reward read at the last real token, the pairwise and mse losses on hand values, the
 preference readers, per-kind accuracy, and a tiny run end to end (checkpoint, metrics, plot, exact resume)."""
 import contextlib
-import json
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-import train_lm
 import train_rm
 from common import (UserError, load_checkpoint, model_from_checkpoint, pad_right, read_jsonl_records,
                     read_preference_pairs)
-from conftest import write_token_dataset
+from conftest import write_jsonl
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
-TINY_LM = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4", "--eval_iters=1",
-           "--log_interval=1", "--device=cpu", "--sample_at_end=False", "--peak_tflops=1.0", "--warmup_iters=1"]
-
-
 def tiny_reward_model():
     return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=257, scalar_head=True)).eval()
-
-
-def write_jsonl(path, rows):
-    """Rows as JSON lines; a str or bytes row is written as it is (a malformed line)."""
-    with open(path, "wb") as f:
-        for row in rows:
-            line = row if isinstance(row, (str, bytes)) else json.dumps(row)
-            f.write((line.encode() if isinstance(line, str) else line) + b"\n")
-    return str(path)
 
 
 # ---- the reward
@@ -182,14 +167,6 @@ def easy_pairs(n, seed):
         rows.append({"prompt": f"def {kind}_{name}():\n", "chosen": f"    return {good}\n",
                      "rejected": f"    return {bad}\n", "kind": kind})
     return rows
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    d = tmp_path_factory.mktemp("lm")
-    data = write_token_dataset(d / "data")
-    train_lm.main(TINY_LM + [f"--dataset={data}", f"--out_dir={d / 'lm'}", "--max_iters=3", "--eval_interval=3"])
-    return str(d / "lm")
 
 
 @pytest.fixture(scope="module")

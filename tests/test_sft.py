@@ -1,7 +1,6 @@
 """train_sft.py: the loss is on response tokens only, padding changes nothing, the three data formats, dropped
 examples, an end-to-end run from a tiny pretrained model with exact resume, clear errors, and sample.py --chat."""
 import io
-import json
 import os
 
 import pytest
@@ -12,7 +11,7 @@ import sample
 import train_lm
 import train_sft
 from common import UserError, format_prompt, load_checkpoint, read_jsonl_records, read_sft_examples
-from conftest import write_token_dataset
+from conftest import write_jsonl, write_token_dataset
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
@@ -28,13 +27,6 @@ def tiny_function(k):
     if k % 2:
         return f'def add_{WORDS[n - 1]}(x):\n    """Return x plus {n}."""\n', f"    return x + {n}\n"
     return f'def times_{WORDS[n - 1]}(x):\n    """Return x times {n}."""\n', f"    return x * {n}\n"
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for row in rows:
-            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="module")
