@@ -283,10 +283,42 @@ def machine():
 
 
 def cpu_has_native_bf16(flags=None):
-    """Does this CPU compute bfloat16 matrix products in hardware (AVX512-BF16 or AMX)? There, bf16 autocast trains
-    our models 1.4-1.9x faster than float32; without them bf16 is emulated and many times slower."""
+    """Does this CPU have bfloat16 matrix instructions (AVX512-BF16 or AMX)? Without them bf16 is emulated and many
+    times slower than float32; with them it can be faster (an AMD EPYC here: 2.6x), but not always (below)."""
     flags = cpu_flags() if flags is None else flags
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+BF16_MIN_SPEEDUP = 1.2  # dtype 'auto' takes bf16 on a CPU only where its matmuls beat float32's by this much
+
+
+def cpu_bf16_speedup(n=1024, reps=3):
+    """A bfloat16 matmul's FLOP/s over float32's on this CPU, measured (a few tenths of a second). The flags alone do
+    not decide it: one Intel Xeon here with AVX512-BF16 ran bf16 at half float32's speed (143 against 269 GFLOP/s)."""
+    return measure_matmul_flops("cpu", n, reps, "bfloat16") / measure_matmul_flops("cpu", n, reps, "float32")
+
+
+def auto_cpu_dtype(agree=None):
+    """dtype 'auto' on a CPU: ('bfloat16', why) where the CPU has bf16 instructions and its bf16 matmuls run at least
+    BF16_MIN_SPEEDUP times float32's, else ('float32', why). agree(speedup) -> speedup: under torchrun, the processes'
+    common figure (the slowest), so that every process takes the same dtype."""
+    if not cpu_has_native_bf16():
+        return "float32", "no native bfloat16 on this CPU"
+    speedup = cpu_bf16_speedup()
+    speedup = agree(speedup) if agree else speedup
+    if speedup < BF16_MIN_SPEEDUP:
+        return "float32", (f"this CPU has bfloat16 instructions, but its bf16 matmuls run at {speedup:.2f}x "
+                           f"float32's speed")
+    return "bfloat16", f"this CPU computes bfloat16 natively, its matmuls at {speedup:.1f}x float32's speed"
+
+
+def slowest_over_processes(value):
+    """The smallest of every process's value (itself when there is one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    t = torch.tensor([float(value)])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return t.item()
 
 
 def setup_runtime(cfg):
@@ -312,14 +344,13 @@ def setup_runtime(cfg):
     dtype = cfg.dtype
     if dtype == "auto":
         # bfloat16 needs no loss scaling; older GPUs without it get float16 + GradScaler. On a CPU, bf16 only where
-        # the CPU computes it natively: elsewhere bf16 matmuls are emulated, many times slower than float32.
+        # the CPU computes it natively and, measured, faster than float32.
         if device_type == "cuda":
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         else:
-            dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
-        if device_type == "cpu" and int(os.environ.get("RANK", 0)) == 0:
-            why = "this CPU computes bfloat16 natively" if dtype == "bfloat16" else "no native bfloat16 on this CPU"
-            print(f"dtype 'auto': {dtype} ({why}; --dtype=float32 or bfloat16 to choose)")
+            dtype, why = auto_cpu_dtype(agree=slowest_over_processes)
+            if rank == 0:
+                print(f"dtype 'auto': {dtype} ({why}; --dtype=float32 or bfloat16 to choose)")
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

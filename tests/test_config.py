@@ -145,12 +145,25 @@ def test_a_config_file_that_does_not_run_is_a_one_line_error_with_its_line(tmp_p
         load_config(Demo, [str(cfg_file)])
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_dtype_is_bfloat16_only_on_cpus_that_compute_it_natively(monkeypatch, capsys, native):
+@pytest.mark.parametrize("native, speedup, expected", [(True, 2.6, "bfloat16"), (True, 0.53, "float32"),
+                                                       (False, None, "float32")])
+def test_auto_dtype_is_bfloat16_only_on_cpus_that_compute_it_natively_and_faster(monkeypatch, capsys, native, speedup,
+                                                                                 expected):
     import common
     monkeypatch.setattr(common, "cpu_flags", lambda: ["avx2", "avx512f"] + (["avx512_bf16"] if native else []))
+    measured = []
+    monkeypatch.setattr(common, "cpu_bf16_speedup", lambda: measured.append(1) or speedup)
     rt = common.setup_runtime(common.RunConfig(device="cpu", dtype="auto"))
-    assert rt.dtype == ("bfloat16" if native else "float32")
-    assert ("bfloat16 natively" if native else "no native bfloat16") in capsys.readouterr().out
+    assert rt.dtype == expected
+    assert measured == ([1] if native else [])  # without bf16 instructions nothing is measured (emulated: slow)
+    said = capsys.readouterr().out
+    assert {"bfloat16": "bfloat16 natively", "float32": "run at 0.53x float32's speed" if native else
+            "no native bfloat16"}[expected] in said
     assert common.setup_runtime(common.RunConfig(device="cpu", dtype="float32")).dtype == "float32"
     assert common.cpu_has_native_bf16(["amx_bf16", "amx_tile"]) and not common.cpu_has_native_bf16(["avx512f"])
+
+
+def test_the_bf16_speedup_is_measured_and_one_process_agrees_with_itself():
+    import common
+    assert common.cpu_bf16_speedup(n=64, reps=1) > 0
+    assert common.slowest_over_processes(1.7) == 1.7
