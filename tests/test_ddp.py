@@ -108,10 +108,7 @@ def metrics(out_dir, key):
     return {r["iter"]: r[key] for r in read_jsonl_records(os.path.join(out_dir, "metrics.jsonl")) if key in r}
 
 
-def assert_same_weights(a, b, atol=5e-5, skip=()):
-    # 5e-5: Adam divides each gradient by its own scale, so an element whose gradient is ~0 (an embedding row barely
-    # used) moves by up to the learning rate on rounding noise alone; sums in another order (two processes) show it:
-    # 2.1e-5 on an Intel Xeon with AVX-512, under 1e-5 on other CPUs
+def assert_same_weights(a, b, atol=1e-5, skip=()):
     a, b = load_checkpoint(str(a))["model"], load_checkpoint(str(b))["model"]
     for k in a:
         assert k in skip or torch.allclose(a[k], b[k], atol=atol), k
