@@ -402,6 +402,14 @@ def shard(items):
     return items[torch.distributed.get_rank()::torch.distributed.get_world_size()]
 
 
+def micro_batch(items, micro, accumulation):
+    """This process's micro-th of the `accumulation` micro-batches it takes from a batch: items j, j + P, j + 2P, ...
+    with P = processes x accumulation and j = micro x processes + rank. So one process accumulating A micro-batches
+    computes on exactly the rows that A processes take one each, and the summed gradients agree to the last bit."""
+    rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed() else (0, 1))
+    return items[micro * world + rank::world * accumulation]
+
+
 def gather_objects(obj):
     """[every process's obj], in rank order, on every process (any picklable object)."""
     if not distributed():

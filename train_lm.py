@@ -223,7 +223,8 @@ def main(argv=None):
                 out = raw_model.eval().generate(prompt, 200, temperature=0.8, top_k=50, eot_token=tok.eot_token,
                                                 generator=torch.Generator(device=rt.device).manual_seed(cfg.seed))
             print("sample:\n" + tok.decode(out[0].tolist()))
-    if rt.ddp:
+    if rt.ddp:  # leave together: a process that tears its connections down while another still runs can abort
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return last
 

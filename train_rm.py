@@ -41,9 +41,10 @@ import torch.nn.functional as F
 
 from common import (all_reduce_sum, average_gradients, batch_rows, cosine_lr, encode_prompt_response, field,
                     format_duration, format_prompt, gpt2_weights, grad_scaler, load_checkpoint, mean_over_processes, Metrics,
-                    model_from_checkpoint, NonFiniteGuard, optimizer_step, pad_right, plot_curves, read_jsonl_records,
-                    read_preference_pairs, read_scored_examples, resume_checkpoint, rng_state, RunConfig,
-                    same_weights_everywhere, save_checkpoint, set_rng_state, shard, start_stage, StopRequest, UserError)
+                    micro_batch, model_from_checkpoint, NonFiniteGuard, optimizer_step, pad_right, plot_curves,
+                    read_jsonl_records, read_preference_pairs, read_scored_examples, resume_checkpoint, rng_state,
+                    RunConfig, same_weights_everywhere, save_checkpoint, set_rng_state, shard, start_stage, StopRequest,
+                    UserError)
 from tokenizer import get_tokenizer
 
 
@@ -64,6 +65,7 @@ class Config(RunConfig):
     frozen_layers: int = field(0, min=0)  # keep the embeddings and the lowest this many blocks fixed: faster steps
     dropout: float = field(0.0, min=0, below=1)  # dropout in the backbone while training
     batch_size: int = field(16, min=1)  # pairs per step (over all processes): chosen and rejected go through together
+    gradient_accumulation_steps: int = field(1, min=1)  # each process takes its share in this many micro-batches
     eval_batch_size: int = field(64, min=1)  # responses per forward pass in evaluation
     learning_rate: float = field(3e-4, min=0)  # peak learning rate of the backbone, after warm-up
     head_lr_mult: float = field(10.0, min=0)  # the fresh scalar head learns this many times faster than the backbone
@@ -384,8 +386,10 @@ def plot(cfg, path):
 
 def main(argv=None):
     cfg, rt = start_stage(Config, argv, "train_rm.py", stage="rm")
-    if cfg.batch_size % rt.world_size:
-        raise UserError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({rt.world_size})")
+    micro_batches = rt.world_size * cfg.gradient_accumulation_steps
+    if cfg.batch_size % micro_batches:
+        raise UserError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({rt.world_size}) "
+                        f"times gradient_accumulation_steps ({cfg.gradient_accumulation_steps})")
 
     # ---- the model: backbone + scalar head; the data is tokenized with the backbone's own tokenizer
     model, ckpt, tokenizer_spec, backbone = build_model(cfg)
@@ -464,17 +468,21 @@ def main(argv=None):
             if at_end:
                 break
 
-            # one optimizer step on the batch this step always gets (under torchrun, this process's share of it:
-            # every share holds as many pairs, so the mean of the processes' mean losses is the batch's mean loss)
+            # one optimizer step on the batch this step always gets, in micro-batches (under torchrun, this
+            # process's share of them): all hold as many pairs, so the mean of their mean losses is the batch's
             t0 = time.time()
-            index = shard(batch_indices(cfg.seed, iter_num, cfg.batch_size, lengths))
-            loss, acc = train_step_loss(model, train, index, cfg, tok.eot_token, rt)
-            scaler.scale(loss).backward()
+            index = batch_indices(cfg.seed, iter_num, cfg.batch_size, lengths)
+            step_loss = 0.0
+            for micro in range(cfg.gradient_accumulation_steps):
+                part = micro_batch(index, micro, cfg.gradient_accumulation_steps)
+                loss, acc = train_step_loss(model, train, part, cfg, tok.eot_token, rt)
+                scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+                step_loss = step_loss + loss.detach() / cfg.gradient_accumulation_steps
+                loss_sum += loss.item() / cfg.gradient_accumulation_steps
+                acc_sum += acc.item() / cfg.gradient_accumulation_steps if acc is not None else 0.0
             average_gradients(model.parameters())
             grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
-            guard.record(iter_num + 1, loss, grad_norm)
-            loss_sum += loss.item()
-            acc_sum += acc.item() if acc is not None else 0.0
+            guard.record(iter_num + 1, step_loss, grad_norm)
             interval_time += time.time() - t0
             interval_iters += 1
             iter_num += 1

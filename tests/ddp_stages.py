@@ -72,6 +72,7 @@ def main(plan_path):
     stats = statistics()
     if rt.is_master:
         torch.save(stats, plan["statistics"])
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 

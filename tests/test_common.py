@@ -208,6 +208,14 @@ def test_in_one_process_the_collective_helpers_hand_their_input_back():
     assert common.mean_over_processes(record) is record
 
 
+def test_micro_batches_of_one_process_split_a_batch_as_that_many_processes_would():
+    from common import micro_batch
+    items = list(range(12))
+    parts = [micro_batch(items, m, 3) for m in range(3)]
+    assert parts == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]  # = items[rank::3] of 3 processes
+    assert micro_batch(items, 0, 1) == items
+
+
 def test_mfu_is_taken_against_the_configured_peak_else_a_known_gpus_datasheet_else_a_measurement(monkeypatch):
     import common
     cpu = common.Runtime("cpu", "cpu", "float32", None)

@@ -273,3 +273,10 @@ def test_logistic_loss_is_the_binary_cross_entropy_of_labels_by_hand_and_other_s
     cfg = train_rm.Config(loss="logistic")
     with pytest.raises(UserError, match=r"loss='logistic' learns labels 1 and 0, but the scores include \[0.5\]"):
         train_rm.load_data(scored, cfg, get_tokenizer("byte"), 64, "train")
+
+
+def test_a_batch_that_does_not_split_into_the_micro_batches_is_refused(tmp_path):
+    with pytest.raises(UserError, match=r"batch_size=6 must be divisible by the number of processes \(1\) times "
+                                        r"gradient_accumulation_steps \(4\)"):
+        train_rm.main(["--batch_size=6", "--gradient_accumulation_steps=4", f"--out_dir={tmp_path / 'o'}",
+                       "--device=cpu"])
