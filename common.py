@@ -314,7 +314,7 @@ def auto_cpu_dtype(agree=None):
 
 def slowest_over_processes(value):
     """The smallest of every process's value (itself when there is one process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not distributed():
         return value
     t = torch.tensor([float(value)])
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
@@ -403,11 +403,10 @@ def shard(items):
 
 
 def micro_batch(items, micro, accumulation):
-    """This process's micro-th of the `accumulation` micro-batches it takes from a batch: items j, j + P, j + 2P, ...
-    with P = processes x accumulation and j = micro x processes + rank. So one process accumulating A micro-batches
-    computes on exactly the rows that A processes take one each, and the summed gradients agree to the last bit."""
-    rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed() else (0, 1))
-    return items[micro * world + rank::world * accumulation]
+    """This process's share of the micro-th of `accumulation` micro-batches of a batch (items micro, micro + A, ...).
+    So one process accumulating A micro-batches computes on exactly the rows that A processes take one each (shard),
+    and the summed gradients agree to the last bit."""
+    return shard(items[micro::accumulation])
 
 
 def gather_objects(obj):

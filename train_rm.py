@@ -478,11 +478,11 @@ def main(argv=None):
                 loss, acc = train_step_loss(model, train, part, cfg, tok.eot_token, rt)
                 scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
                 step_loss = step_loss + loss.detach() / cfg.gradient_accumulation_steps
-                loss_sum += loss.item() / cfg.gradient_accumulation_steps
                 acc_sum += acc.item() / cfg.gradient_accumulation_steps if acc is not None else 0.0
             average_gradients(model.parameters())
             grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
             guard.record(iter_num + 1, step_loss, grad_norm)
+            loss_sum += step_loss.item()
             interval_time += time.time() - t0
             interval_iters += 1
             iter_num += 1

@@ -108,6 +108,14 @@ def metrics(out_dir, key):
     return {r["iter"]: r[key] for r in read_jsonl_records(os.path.join(out_dir, "metrics.jsonl")) if key in r}
 
 
+def assert_same_metrics(a, b, keys):
+    for key in keys:
+        one, two = metrics(a, key), metrics(b, key)
+        assert sorted(one) == sorted(two) and one, key
+        for it in one:
+            assert two[it] == pytest.approx(one[it], rel=1e-4, abs=1e-5), (key, it)
+
+
 def assert_same_weights(a, b, atol=1e-5):
     a, b = load_checkpoint(str(a))["model"], load_checkpoint(str(b))["model"]
     for k in a:
@@ -129,14 +137,6 @@ def test_two_processes_give_the_losses_and_weights_of_one_process_on_the_same_gl
     assert "2 process(es)" in printed
     assert_same_metrics(tmp_path / stage, root / "ddp" / stage, keys)
     assert_same_weights(tmp_path / stage, root / "ddp" / stage)
-
-
-def assert_same_metrics(a, b, keys):
-    for key in keys:
-        one, two = metrics(a, key), metrics(b, key)
-        assert sorted(one) == sorted(two) and one, key
-        for it in one:
-            assert two[it] == pytest.approx(one[it], rel=1e-4, abs=1e-5), (key, it)
 
 
 def test_two_reward_model_processes_give_the_weights_of_one_accumulating_their_two_micro_batches_to_the_last_bit(
