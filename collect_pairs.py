@@ -48,7 +48,7 @@ class Config(RunConfig):
     max_pairs_per_prompt: int = field(2, min=1)  # at most this many pairs per prompt, so no prompt dominates
     max_new_tokens: int = field(96, min=1)  # as in train_ppo.py: the responses PPO will sample
     temperature: float = field(1.0, above=0)  # as in train_ppo.py's rollouts
-    batch_size: int = field(64, min=1)  # prompts per generate call
+    batch_size: int = field(64, min=1)  # samples per generate call (batch_size // samples_per_prompt prompts)
     empty_pairs: bool = True  # also, for every training prompt, a good response against the empty one (kind 'empty')
 
 
@@ -73,9 +73,10 @@ def collect(model, tok, examples, cfg, rt, rng, generator, empty_pairs=False):
     kept = [(format_prompt(p, cfg.template), r) for p, r in examples]
     kept = [(p, r) for p, r in kept if encode_prompt_response(tok, p, r, model.config.block_size) is not None
             and len(tok.encode(p)) <= max_prompt]
-    prompts = [p for p, _ in kept for _ in range(cfg.samples_per_prompt)]
-    texts, rows = complete(model, tok, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size, device=rt.device,
-                           autocast=rt.autocast, greedy=False, temperature=cfg.temperature, generator=generator)
+    texts, rows = complete(model, tok, [p for p, _ in kept], cfg.max_new_tokens, batch_size=cfg.batch_size,
+                           device=rt.device, autocast=rt.autocast, greedy=False, temperature=cfg.temperature,
+                           generator=generator, samples=cfg.samples_per_prompt)
+    prompts = [p for p, _ in kept for _ in range(cfg.samples_per_prompt)]  # the prompt of each sample
     # every sample of the split is judged together: a body the model gives to many prompts is a template
     grades = task.grade(prompts, texts, [row[-1:] == [tok.eot_token] for _, row in rows])
     out, k = [], cfg.samples_per_prompt

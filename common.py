@@ -1203,9 +1203,17 @@ def batch_rows(rows, pad_id, device):
 
 @torch.no_grad()
 def complete(model, tok, prompts, max_new_tokens, batch_size=64, device="cpu", autocast=None, greedy=True,
-             temperature=1.0, generator=None):
+             temperature=1.0, generator=None, samples=1, with_logprobs=False):
     """Completion texts for prompt strings, cut at end-of-text: batched, left-padded, KV-cached generation.
-    Also returns each row's token ids (prompt, completion) for scoring.
+    Also returns each row's token ids (prompt, completion) for scoring; with_logprobs, also each completion's
+    log-probability (its end-of-text token included) under the distribution it was drawn from, as generation
+    computed it.
+
+    samples = k continues every prompt k times: its k rows follow one another, as if the prompt had been listed k
+    times, but it is run once and its keys and values shared by the k samples. batch_size counts rows (the
+    memory a batch takes): batch_size // k prompts per generate call. Prompts are batched in order of length (a
+    batch of short prompts then pads to a short width, not to the longest of all), and the results come back in
+    the order of prompts.
 
     Under torchrun the prompts are shared out among the processes, each samples from a random stream of its own
     (drawn from generator), and every process gets all the completions back, in the order of prompts: so every
@@ -1217,16 +1225,25 @@ def complete(model, tok, prompts, max_new_tokens, batch_size=64, device="cpu", a
         if generator is not None:
             seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device))
             generator = torch.Generator(device=generator.device).manual_seed(seed + torch.distributed.get_rank())
-    texts, token_rows = [], []
-    for i in range(0, len(prompts), batch_size):
-        encoded = [tok.encode(p) for p in prompts[i:i + batch_size]]
-        ids, mask = pad_left(encoded, tok.eot_token)
+    encoded = [tok.encode(p) for p in prompts]
+    by_length = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    per_call = max(1, batch_size // samples)
+    results = [None] * len(prompts)  # per prompt: its k (text, (prompt ids, completion ids), log-prob)
+    for start in range(0, len(prompts), per_call):
+        batch = by_length[start:start + per_call]
+        ids, mask = pad_left([encoded[i] for i in batch], tok.eot_token)
         ids, mask = ids.to(device), mask.to(device)
         with autocast:
-            out = model.generate(ids, max_new_tokens, attention_mask=mask, greedy=greedy, temperature=temperature,
-                                 eot_token=tok.eot_token, generator=generator)
-        for row, p in zip(out[:, ids.size(1):].tolist(), encoded):
-            cut = row.index(tok.eot_token) if tok.eot_token in row else len(row)
-            texts.append(tok.decode(row[:cut]))
-            token_rows.append((p, row[:cut + 1]))  # the completion keeps its end-of-text token, if it has one
-    return unshard(texts), unshard(token_rows)
+            out, logprobs = model.generate(ids, max_new_tokens, attention_mask=mask, greedy=greedy,
+                                           temperature=temperature, eot_token=tok.eot_token, generator=generator,
+                                           num_samples=samples, return_logprobs=True)
+        rows, sums = out[:, ids.size(1):].tolist(), logprobs.float().sum(dim=1).tolist()  # 0 after end-of-text
+        for j, i in enumerate(batch):
+            results[i] = []
+            for row, logprob in zip(rows[j * samples:(j + 1) * samples], sums[j * samples:(j + 1) * samples]):
+                cut = row.index(tok.eot_token) if tok.eot_token in row else len(row)
+                # the completion keeps its end-of-text token, if it has one
+                results[i].append((tok.decode(row[:cut]), (encoded[i], row[:cut + 1]), logprob))
+    flat = [r for per_prompt in unshard(results) for r in per_prompt]
+    texts, token_rows, logprobs = [t for t, _, _ in flat], [r for _, r, _ in flat], [lp for _, _, lp in flat]
+    return (texts, token_rows, logprobs) if with_logprobs else (texts, token_rows)

@@ -356,8 +356,9 @@ def main(argv=None):
             if (iter_num % cfg.eval_interval == 0 or at_end) and iter_num != resumed_at:
                 guard.check()  # a step that went nan or inf stops the run here, before evaluating or saving
                 t0 = time.time()
-                last, completions = evaluate(raw_policy, ref, val, ref_val, val_batches, eval_set, tok, task, scorer,
-                                             cfg, rt)
+                # the first evaluation is the SFT model's: its own reference (KL 0, not estimated)
+                last, completions = evaluate(raw_policy, ref if before else raw_policy, val, ref_val, val_batches,
+                                             eval_set, tok, task, scorer, cfg, rt)
                 last_completions = [completions[i] for i in show]
                 before = before or {"metrics": last, "completions": last_completions}
                 print(f"step {iter_num}: {describe(last, task)} ({format_duration(time.time() - t0)})", flush=True)

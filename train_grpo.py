@@ -408,7 +408,9 @@ def main(argv=None, score_fn=None):
             # ---- evaluate: before any update, every eval_interval, at the end
             at_end = it == cfg.max_iters or stop.requested
             if (it % cfg.eval_interval == 0 or at_end) and not (ckpt and it == start_iter):
-                last_eval, completions = evaluate(policy, ref or reference(), reward_model, tok, eval_set, cfg, rt)
+                # the first evaluation is the SFT model's: its own reference (KL 0, not estimated)
+                last_eval, completions = evaluate(policy, (ref or reference()) if before else policy, reward_model,
+                                                  tok, eval_set, cfg, rt)
                 if before is None:
                     before = {"metrics": last_eval, "completions": [completions[i] for i in show]}
                 print(f"eval @ {it}: {task.describe(last_eval)}" + (f"; RM score {last_eval['rm_score']:.3f}"
@@ -545,7 +547,7 @@ def run_best_of_n(policy, reference, reward_model, tok, eval_set, score, cfg, rt
     t0 = time.time()
     task = tasks.load(cfg.task)
     show = tasks.shown(task, eval_set.prompts, cfg.eval_samples_shown)
-    before, completions = evaluate(policy, reference(), reward_model, tok, eval_set, cfg, rt)
+    before, completions = evaluate(policy, policy, reward_model, tok, eval_set, cfg, rt)  # SFT: its own reference
     print(f"SFT, greedy: {task.describe(before)}", flush=True)
     results = best_of_n(policy, tok, eval_set, score, reward_model, cfg, rt)
     metrics = Metrics(cfg.out_dir)

@@ -333,7 +333,8 @@ def main(argv=None, score_fn=None):
             # ---- evaluate: before any update, every eval_interval, at the end
             at_end = it == cfg.max_iters or stop.requested
             if (it % cfg.eval_interval == 0 or at_end) and not (ckpt and it == start_iter):
-                last_eval, completions = evaluate(policy, ref, reward_model, tok, eval_set, cfg, rt)
+                # the first evaluation is the SFT model's: its own reference (KL 0, not estimated)
+                last_eval, completions = evaluate(policy, ref if before else policy, reward_model, tok, eval_set, cfg, rt)
                 if before is None:
                     before = {"metrics": last_eval, "completions": [completions[i] for i in show]}
                 print(f"eval @ {it}: {task.describe(last_eval)}; RM score {last_eval.get('rm_score', float('nan')):.3f}",

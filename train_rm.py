@@ -100,9 +100,14 @@ def rm_scorer(reward_model, tok, rt):
     scorer: what PPO, GRPO and DPO report as the reward model's score of their completions."""
     @torch.no_grad()
     def scorer(rows):
-        seqs, attn, _ = batch_rows(rows, tok.eot_token, rt.device)
-        with rt.autocast:
-            return torch.cat([reward_at_last_token(reward_model, s, a) for s, a in zip(seqs.split(64), attn.split(64))])
+        by_length = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), len(rows[i][1])))
+        scores = torch.empty(len(rows), device=rt.device)
+        for start in range(0, len(rows), 64):  # in order of length: a batch pads to about its own rows' width
+            batch = by_length[start:start + 64]
+            seqs, attn, _ = batch_rows([rows[i] for i in batch], tok.eot_token, rt.device)
+            with rt.autocast:
+                scores[batch] = reward_at_last_token(reward_model, seqs, attn)
+        return scores
     return scorer
 
 

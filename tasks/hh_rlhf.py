@@ -46,13 +46,14 @@ def evaluate_policy(model, tok, eval_set, max_new_tokens, device="cpu", autocast
             ref_scores = scorer(ref_rows).float()
             result["rm_score_sft"] = ref_scores.mean().item()
             result["win_rate"] = ((scores > ref_scores).float() + 0.5 * (scores == ref_scores).float()).mean().item()
-    if ref_model is not None and samples > 0:
+    if ref_model is model and samples > 0:  # the policy before any update is its own reference: KL 0
+        result["kl"] = 0.0
+    elif ref_model is not None and samples > 0:
         generator = torch.Generator(device=device).manual_seed(seed)
-        _, sampled = complete(model, tok, [p for p in eval_set.inputs for _ in range(samples)], max_new_tokens,
-                              batch_size=batch_size, device=device, autocast=autocast, greedy=False,
-                              generator=generator)
-        kl = sequence_logprobs(model, sampled, device, autocast) - sequence_logprobs(ref_model, sampled, device,
-                                                                                     autocast)
+        _, sampled, logprobs = complete(model, tok, eval_set.inputs, max_new_tokens, batch_size=batch_size,
+                                        device=device, autocast=autocast, greedy=False, generator=generator,
+                                        samples=samples, with_logprobs=True)
+        kl = torch.tensor(logprobs) - sequence_logprobs(ref_model, sampled, device, autocast).cpu()  # log pi: sampling's
         result["kl"] = kl.mean().item()
     model.train(was_training)
     return result, texts

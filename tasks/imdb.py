@@ -36,17 +36,19 @@ def evaluate_policy(model, tok, eval_set, max_new_tokens, device="cpu", autocast
     was_training = model.training
     n = max(samples, 1)
     generator = torch.Generator(device=device).manual_seed(seed)
-    repeated = [p for p in eval_set.inputs for _ in range(n)]
-    texts, rows = complete(model, tok, repeated, max_new_tokens, batch_size=batch_size, device=device,
-                           autocast=autocast, greedy=False, temperature=1.0, generator=generator)
+    texts, rows, logprobs = complete(model, tok, eval_set.inputs, max_new_tokens, batch_size=batch_size, device=device,
+                                     autocast=autocast, greedy=False, temperature=1.0, generator=generator,
+                                     samples=n, with_logprobs=True)
     result = {"mean_length": sum(len(r) for _, r in rows) / len(rows), "n_prompts": len(eval_set.inputs),
               "samples": n}
     if scorer is not None:
         scores = scorer(rows).float()
         result["rm_score"] = scores.mean().item()
         result["positive"] = (scores > 0).float().mean().item()
-    if ref_model is not None:
-        kl = sequence_logprobs(model, rows, device, autocast) - sequence_logprobs(ref_model, rows, device, autocast)
+    if ref_model is model:  # the policy before any update is its own reference: KL 0, nothing to estimate
+        result["kl"] = 0.0
+    elif ref_model is not None:
+        kl = torch.tensor(logprobs) - sequence_logprobs(ref_model, rows, device, autocast).cpu()  # log pi from sampling
         result["kl"] = kl.mean().item()
     model.train(was_training)
     return result, texts[::n]

@@ -297,18 +297,20 @@ def pass_at_k(prompts, samples, k, ended=None):
 
 @torch.no_grad()
 def sequence_logprobs(model, rows, device, autocast, batch_size=64):
-    """log p(response | prompt) of each (prompt ids, response ids) row: the sum over the response's tokens."""
-    out = []
-    for i in range(0, len(rows), batch_size):
-        seqs, attn, P = batch_rows(rows[i:i + batch_size], 0, device)
+    """log p(response | prompt) of each (prompt ids, response ids) row: the sum over the response's tokens. Rows
+    are batched in order of length, so that a batch pads to about its own rows' width."""
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), len(rows[i][1])))
+    out = torch.empty(len(rows))
+    for start in range(0, len(rows), batch_size):
+        batch = order[start:start + batch_size]
+        seqs, attn, P = batch_rows([rows[i] for i in batch], 0, device)
         with autocast:
             hidden = model.hidden_states(seqs, attn)[:, P - 1:-1]
             logp = model.token_logprobs(hidden, seqs[:, P:]).float()
-        out.append((logp * attn[:, P:]).sum(dim=1))
-    return torch.cat(out)
+        out[batch] = (logp * attn[:, P:]).sum(dim=1).cpu()
+    return out.to(device)
 
 
-@torch.no_grad()
 def evaluate_policy(model, tok, eval_set, max_new_tokens, device="cpu", autocast=None, samples=8, ref_model=None,
                     scorer=None, seed=0, batch_size=64):
     """Every held-out measure of a policy, the same way in every stage. Returns (measures, greedy completions).
@@ -316,7 +318,8 @@ def evaluate_policy(model, tok, eval_set, max_new_tokens, device="cpu", autocast
     Greedy completions give solved, parses, template share, similarity to the real body (chrF), distinct bodies,
     length and, with a scorer (rows -> scores, e.g. the reward model), its mean score. `samples` completions per
     prompt at temperature 1 give pass@k (k = samples) and, with a ref_model, the KL to it in nats per response:
-    the mean over samples of log pi(y|x) - log pi_ref(y|x), an unbiased estimate of KL(pi || pi_ref)."""
+    the mean over samples of log pi(y|x) - log pi_ref(y|x), an unbiased estimate of KL(pi || pi_ref); ref_model=model
+    (the policy before any update) gives 0 without estimating it."""
     autocast = autocast or contextlib.nullcontext()
     was_training = model.training
     model.eval()
@@ -330,15 +333,17 @@ def evaluate_policy(model, tok, eval_set, max_new_tokens, device="cpu", autocast
         result["rm_score"] = scorer(rows).float().mean().item()
     if samples > 0:
         generator = torch.Generator(device=device).manual_seed(seed)
-        repeated = [p for p in eval_set.inputs for _ in range(samples)]
-        sampled, sampled_rows = complete(model, tok, repeated, max_new_tokens, batch_size=batch_size, device=device,
-                                         autocast=autocast, greedy=False, temperature=1.0, generator=generator)
+        sampled, sampled_rows, logprobs = complete(model, tok, eval_set.inputs, max_new_tokens, batch_size=batch_size,
+                                                   device=device, autocast=autocast, greedy=False, temperature=1.0,
+                                                   generator=generator, samples=samples, with_logprobs=True)
         sampled_ended = [r[-1:] == [tok.eot_token] for _, r in sampled_rows]
         result[f"pass@{samples}"], result[f"pass@{samples}_args"] = pass_at_k(eval_set.prompts, sampled, samples,
                                                                               sampled_ended)
-        if ref_model is not None:
-            kl = sequence_logprobs(model, sampled_rows, device, autocast) - sequence_logprobs(
-                ref_model, sampled_rows, device, autocast)
+        if ref_model is model:  # the policy before any update is its own reference: KL 0, nothing to estimate
+            result["kl"] = 0.0
+        elif ref_model is not None:
+            # log pi(y|x) as generation computed it (temperature 1: the policy itself), log pi_ref(y|x) by a forward
+            kl = torch.tensor(logprobs) - sequence_logprobs(ref_model, sampled_rows, device, autocast).cpu()
             result["kl"] = kl.mean().item()
     model.train(was_training)
     return result, completions

@@ -1,5 +1,7 @@
 """tasks/pycode.py: every rule of the judge, its calibration on the real held-out functions (real bodies solve,
 known hacks do not), chrF and pass@k against hand computations, the labeler's grades, and evaluate_policy."""
+import contextlib
+import copy
 import json
 import os
 import random
@@ -8,7 +10,7 @@ import re
 import pytest
 import torch
 
-from common import read_prompts
+from common import complete, read_prompts
 from model import GPT, GPTConfig
 from tasks import pycode as task
 from tokenizer import get_tokenizer
@@ -178,12 +180,32 @@ def test_evaluate_policy_measures_greedy_and_sampled_completions():
     for key in ("solved", "solved_args", "parses", "template", "chrf", "distinct", "mean_length", "pass@3",
                 "pass@3_args", "kl"):
         assert key in m, key
-    assert m["kl"] == pytest.approx(0.0, abs=1e-5)  # a policy has no KL to itself
+    assert m["kl"] == 0.0  # the policy passed as its own reference (before any update): 0, not estimated
+    estimated, _ = task.evaluate_policy(model, tok, eval_set, 8, samples=3, ref_model=copy.deepcopy(model), seed=1)
+    assert estimated["kl"] == pytest.approx(0.0, abs=1e-5)  # a copy of it: log pi - log pi_ref estimated, ~0
     assert 1 <= m["mean_length"] <= 9  # at most 8 new tokens and the end-of-text
     again, _ = task.evaluate_policy(model, tok, eval_set, 8, samples=3, ref_model=model, seed=1)
     assert again == m  # the same seed gives the same samples
     scored, _ = task.evaluate_policy(model, tok, eval_set, 8, samples=0, scorer=lambda rows: torch.ones(len(rows)))
     assert scored["rm_score"] == 1.0 and "kl" not in scored and "pass@3" not in scored
+
+
+def test_complete_gives_k_samples_per_prompt_in_the_order_of_the_prompts_with_their_log_probabilities():
+    """complete() batches prompts in order of length and runs each prompt once for its k samples; what comes back
+    is in the order of the prompts, k rows per prompt, and each sample's log-probability is the model's own."""
+    tok = get_tokenizer("byte")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=257))
+    prompts = ["def long_function_name(a, b):\n", "x", "def f(y):\n", "ab", "class C:\n"]  # lengths out of order
+    texts, rows, logprobs = complete(model, tok, prompts, 6, batch_size=4, greedy=False, samples=2,
+                                     generator=torch.Generator().manual_seed(0), with_logprobs=True)
+    assert len(texts) == len(rows) == len(logprobs) == 10
+    assert [p for p, _ in rows] == [tok.encode(p) for p in prompts for _ in range(2)]
+    assert texts == [tok.decode(r[:-1] if r[-1:] == [tok.eot_token] else r) for _, r in rows]
+    forward = task.sequence_logprobs(model, rows, "cpu", contextlib.nullcontext())  # batched by length too
+    assert torch.allclose(torch.tensor(logprobs), forward, atol=1e-4)
+    _, greedy_rows = complete(model, tok, prompts, 6, batch_size=3)
+    assert [p for p, _ in greedy_rows] == [tok.encode(p) for p in prompts]
 
 
 def test_read_eval_set_keeps_prompts_that_fit_and_their_references(tmp_path):
