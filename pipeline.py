@@ -10,7 +10,7 @@ and reward model, and the report gives the mean, min and max over seeds of each 
 on to twice the config's iterations (its result is still read at the config's last iteration), so that its curve
 shows whether the default stops at a lucky peak.
 
-    python pipeline.py                 # about 50 minutes on a 2-core CPU; finished stages are skipped
+    python pipeline.py                 # about 40 minutes on a 2-core CPU; finished stages are skipped
     python pipeline.py --seeds=1       # one seed per RL stage: a quick look, not a result
     python pipeline.py --compare=True  # also PPO on the judge, GRPO on the RM, Dr. GRPO, RLOO, best-of-8, over the seeds
     python pipeline.py --redo=sft      # run SFT again, and every stage after it
