@@ -112,7 +112,7 @@ def stages(cfg):
     if custom:
         extra["sft_small"] += [f"--init_from={out('lm_small')}"]
         extra["pairs_small"] += [f"--init_from={out('sft_small')}"]
-        extra["rm_small"] += [f"--init_from={out('sft_small')}"] + [
+        extra["rm_small"] += [f"--init_from={out('lm_small')}"] + [
             f"--{split}_file={data}/pref_{split}.jsonl,{out('pairs_small')}/pref_{split}.jsonl" for split in ("train", "val")]
         extra["ppo_small"] += [f"--init_from={out('sft_small')}", f"--reward_model={out('rm_small')}"]
         extra["grpo_small"] += [f"--init_from={out('sft_small')}", f"--reward_model={out('rm_small')}"]

@@ -1,7 +1,7 @@
-# Reward model on the pycode preference pairs, from the small SFT model: about 3 minutes on a 2-core CPU with bfloat16.
+# Reward model on the pycode preference pairs, from the small pretrained model: about 7 minutes on a 2-core CPU.
 # python train_rm.py config/rm_small.py    (after train_sft.py config/sft_small.py and collect_pairs.py config/pairs_small.py)
 out_dir = "out/rm_small"
-init_from = "out/sft_small"  # any out_dir of this project works (e.g. out/lm_small): they share the layout
+init_from = "out/lm_small"  # the pretrained backbone, not SFT's: PPO does better against it (README, "The reward model")
 # two sources: prepare.py's made-up corruptions of real bodies (one kind each), and the SFT model's own samples
 # ranked by the task's judge (kind 'sampled'): without the second, the reward model never sees the policy's own
 # mistakes, and PPO climbs its blind spots instead of the task
