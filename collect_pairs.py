@@ -58,7 +58,9 @@ def ranked_pairs(reference, samples, rng, max_pairs, task=tasks.load("pycode")):
     real body if the model wrote none. The closest misses are paired first: a valid body that ignores the arguments
     teaches the difference the task is about, where broken syntax is plentiful among prepare.py's made-up pairs."""
     good = sorted({r for r, g in samples if g == task.SOLVED})
-    bad = sorted({(g, r) for r, g in samples if g < task.SOLVED}, key=lambda gr: (-gr[0], rng.random()))
+    # the random tie-break is drawn in sorted order: a set's own order changes with Python's string hashing
+    # (PYTHONHASHSEED), and the same seed would then pair different samples from one run to the next
+    bad = sorted(sorted({(g, r) for r, g in samples if g < task.SOLVED}), key=lambda gr: (-gr[0], rng.random()))
     return [(rng.choice(good) if good else reference, r) for _, r in bad[:max_pairs]]
 
 

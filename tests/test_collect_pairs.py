@@ -1,7 +1,10 @@
 """collect_pairs.py: the labeler, how a prompt's samples become pairs, and a tiny run whose files train_rm.py reads
 beside others (a comma-separated train_file)."""
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -10,6 +13,8 @@ import train_rm
 from common import UserError, read_preference_pairs
 from tasks import pycode as task
 from conftest import write_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROMPT = 'def add(a, b):\n    """Sum."""\n'
 
@@ -34,6 +39,16 @@ def test_each_sample_that_does_not_solve_is_paired_with_one_that_does_or_the_ref
         ("    return b + a\n", "    return 1\n")]
     assert collect_pairs.ranked_pairs("ref", [("    return a\n", 3)], rng, 2) == []  # nothing to rank
 
+
+
+def test_ranked_pairs_are_the_same_whatever_python_s_string_hashing():
+    """The same seed pairs the same samples in every run: sets of strings iterate in an order that changes with
+    PYTHONHASHSEED from one process to the next, so nothing random may be drawn in a set's order."""
+    code = ("import random, collect_pairs; samples = [(f'    return x{i}\\n', 2) for i in range(12)]; "
+            "print(collect_pairs.ranked_pairs('    return x\\n', samples, random.Random(0), 4))")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                           env=dict(os.environ, PYTHONHASHSEED=str(h))).stdout for h in (1, 2, 3)}
+    assert len(runs) == 1 and "x" in runs.pop()
 
 def test_a_tiny_run_writes_pairs_train_rm_reads_beside_other_files(tiny_lm, tmp_path):
     examples = [{"prompt": f'def f{i}(a):\n    """Doc {i}."""\n', "response": f"    return a + {i}\n"} for i in range(6)]
