@@ -1185,6 +1185,13 @@ def pad_left(seqs, pad_id):
     return ids, mask
 
 
+def batches_by_length(lengths, batch_size):
+    """Indices 0..n-1 in batches of batch_size, in order of length: a batch then pads to about its own rows' width,
+    not to the longest of all. The caller puts each batch's results back at its indices."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def batch_rows(rows, pad_id, device):
     """[(prompt ids, response ids)] -> left-padded prompts + right-padded responses, attention mask, prompt width."""
     prompts, prompt_mask = pad_left([p for p, _ in rows], pad_id)
@@ -1226,11 +1233,8 @@ def complete(model, tok, prompts, max_new_tokens, batch_size=64, device="cpu", a
             seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device))
             generator = torch.Generator(device=generator.device).manual_seed(seed + torch.distributed.get_rank())
     encoded = [tok.encode(p) for p in prompts]
-    by_length = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    per_call = max(1, batch_size // samples)
     results = [None] * len(prompts)  # per prompt: its k (text, (prompt ids, completion ids), log-prob)
-    for start in range(0, len(prompts), per_call):
-        batch = by_length[start:start + per_call]
+    for batch in batches_by_length([len(e) for e in encoded], max(1, batch_size // samples)):
         ids, mask = pad_left([encoded[i] for i in batch], tok.eot_token)
         ids, mask = ids.to(device), mask.to(device)
         with autocast:

@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common import (all_reduce_sum, average_gradients, batch_rows, cosine_lr, encode_prompt_response, field,
+from common import (all_reduce_sum, average_gradients, batch_rows, batches_by_length, cosine_lr, encode_prompt_response, field,
                     format_duration, format_prompt, gpt2_weights, grad_scaler, load_checkpoint, mean_over_processes, Metrics,
                     micro_batch, model_from_checkpoint, NonFiniteGuard, optimizer_step, pad_right, plot_curves,
                     read_jsonl_records, read_preference_pairs, read_scored_examples, resume_checkpoint, rng_state,
@@ -100,10 +100,8 @@ def rm_scorer(reward_model, tok, rt):
     scorer: what PPO, GRPO and DPO report as the reward model's score of their completions."""
     @torch.no_grad()
     def scorer(rows):
-        by_length = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), len(rows[i][1])))
         scores = torch.empty(len(rows), device=rt.device)
-        for start in range(0, len(rows), 64):  # in order of length: a batch pads to about its own rows' width
-            batch = by_length[start:start + 64]
+        for batch in batches_by_length([(len(p), len(r)) for p, r in rows], 64):
             seqs, attn, _ = batch_rows([rows[i] for i in batch], tok.eot_token, rt.device)
             with rt.autocast:
                 scores[batch] = reward_at_last_token(reward_model, seqs, attn)
@@ -230,10 +228,8 @@ def rewards_of_rows(model, rows, pad_id, device, autocast):
 def score_rows(model, rows, pad_id, batch_size, device, autocast):
     """Rewards of many rows, batched by length (little padding), returned in the original order."""
     model.eval()
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out = torch.zeros(len(rows))
-    for s in shard(range(0, len(rows), batch_size)):  # under torchrun, a share of the batches for each process
-        index = order[s:s + batch_size]
+    for index in shard(batches_by_length([len(r) for r in rows], batch_size)):  # under torchrun, a share each
         out[index] = rewards_of_rows(model, [rows[i] for i in index], pad_id, device, autocast).cpu()
     model.train()
     return all_reduce_sum(out)  # each row was scored by one process, and is 0 in the others' copies

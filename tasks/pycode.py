@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import complete, read_jsonl, text_field, format_prompt, UserError, batch_rows
+from common import complete, read_jsonl, text_field, format_prompt, UserError, batch_rows, batches_by_length
 
 TEMPLATE_PROMPTS = 3  # a normalised body given to this many different prompts is a template (see above)
 NOT_ARGUMENTS = {"self", "cls"}  # the receiver is not an argument a body must read
@@ -299,10 +299,8 @@ def pass_at_k(prompts, samples, k, ended=None):
 def sequence_logprobs(model, rows, device, autocast, batch_size=64):
     """log p(response | prompt) of each (prompt ids, response ids) row: the sum over the response's tokens. Rows
     are batched in order of length, so that a batch pads to about its own rows' width."""
-    order = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), len(rows[i][1])))
     out = torch.empty(len(rows))
-    for start in range(0, len(rows), batch_size):
-        batch = order[start:start + batch_size]
+    for batch in batches_by_length([(len(p), len(r)) for p, r in rows], batch_size):
         seqs, attn, P = batch_rows([rows[i] for i in batch], 0, device)
         with autocast:
             hidden = model.hidden_states(seqs, attn)[:, P - 1:-1]
@@ -311,6 +309,7 @@ def sequence_logprobs(model, rows, device, autocast, batch_size=64):
     return out.to(device)
 
 
+@torch.no_grad()
 def evaluate_policy(model, tok, eval_set, max_new_tokens, device="cpu", autocast=None, samples=8, ref_model=None,
                     scorer=None, seed=0, batch_size=64):
     """Every held-out measure of a policy, the same way in every stage. Returns (measures, greedy completions).

@@ -228,3 +228,10 @@ def test_mfu_is_taken_against_the_configured_peak_else_a_known_gpus_datasheet_el
         peak = common.datasheet_peak_flops("cuda", "bfloat16")
         assert peak == (tflops * 1e12 if tflops else None), name
     assert common.datasheet_peak_flops("cuda", "float32") is None  # the table is of bf16/fp16 tensor-core peaks
+
+
+def test_batches_by_length_puts_rows_of_similar_length_together_and_covers_every_index():
+    from common import batches_by_length
+    assert batches_by_length([5, 1, 3, 2], 2) == [[1, 3], [2, 0]]  # lengths 1, 2 | 3, 5
+    assert batches_by_length([(2, 9), (1, 4), (2, 1)], 2) == [[1, 2], [0]]  # (prompt, response): prompt first
+    assert batches_by_length([], 4) == []
