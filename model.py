@@ -439,25 +439,30 @@ class GPT(nn.Module):
 
 class TokenLogprobs(torch.autograd.Function):
     """log p(target) = logit[target] - logsumexp(logits) with logits = hidden @ weight^T, one slice of the
-    vocabulary at a time, in float32. Each slice keeps e^(logit - m), m its row maximum, so the logsumexp of the
-    whole row is log(sum over slices of e^m * sum(e^(logit - m))), and the backward turns the same numbers into
-    the gradient d log p / d logit = onehot - softmax, softmax = e^(logit - m) * e^(m - logsumexp).
-    A slice (positions x columns) stays under ~24 MB, which the allocator reuses step after step."""
+    vocabulary at a time. Each slice keeps e^(logit - m), m its row maximum, so the logsumexp of the whole row is
+    log(sum over slices of e^m * sum(e^(logit - m))), and the backward turns the same numbers into the gradient
+    d log p / d logit = onehot - softmax, softmax = e^(logit - m) * e^(m - logsumexp).
+    The products run in autocast's dtype where autocast is on (bfloat16: the precision generation sampled the
+    tokens with, 2-3x float32's speed on a CPU that computes it natively), in float32 otherwise; the exponentials,
+    sums and gradients are float32 either way. A slice (positions x columns) stays under ~24 MB, which the
+    allocator reuses step after step."""
 
     slice_elements = 6 << 20  # floats in one slice of logits: 24 MB
 
     @staticmethod
     def forward(ctx, hidden, weight, targets):
-        with torch.autocast(hidden.device.type, enabled=False):  # float32 products, under bf16 autocast too
-            return TokenLogprobs._forward(ctx, hidden, weight, targets)
+        device = hidden.device.type
+        product_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+        with torch.autocast(device, enabled=False):  # the products' dtype is chosen here, not per operation
+            return TokenLogprobs._forward(ctx, hidden, weight, targets, product_dtype)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, targets):
-        h, w = hidden.float(), weight.float()
+    def _forward(ctx, hidden, weight, targets, product_dtype):
+        h, w = hidden.to(product_dtype), weight.to(product_dtype)
         cols = max(1, TokenLogprobs.slice_elements // max(1, h.size(0)))
         exps, maxima, sums = [], [], []
         for start in range(0, w.size(0), cols):
-            logits = h @ w[start:start + cols].t()
+            logits = (h @ w[start:start + cols].t()).float()  # float32 already: the same tensor, no copy
             m = logits.amax(dim=-1, keepdim=True)
             exp = logits.sub_(m).exp_()  # in place: the slice's logits are not needed again
             exps.append(exp)
@@ -470,22 +475,30 @@ class TokenLogprobs(torch.autograd.Function):
             ctx.save_for_backward(h, w, targets)
             ctx.cols, ctx.exps, ctx.dtypes = cols, exps, (hidden.dtype, weight.dtype)
             ctx.slice_scale = (maxima - logsumexp).exp()  # e^(m - logsumexp) per position and slice
-        return (h * w[targets]).sum(-1) - logsumexp.squeeze(1)  # logit of the target: a dot product with its row
+        # the logit of the target: a dot product with its row
+        return (h.float() * w[targets].float()).sum(-1) - logsumexp.squeeze(1)
 
     @staticmethod
     def backward(ctx, grad_out):
         h, w, targets = ctx.saved_tensors
         g = grad_out.float()
+        low = h.dtype != torch.float32  # bf16 products: each slice's softmax is rounded to it first
         # the logit[target] term: d/dh = weight[target], d/dweight[target] = h
-        grad_h = g[:, None] * w[targets]
-        grad_w = torch.empty_like(w)  # every row is written below: no zero-fill of a vocabulary-sized matrix
+        grad_h = g[:, None] * w[targets].float()
+        grad_w = torch.empty(w.shape, dtype=torch.float32, device=w.device)  # every row is written below
         # the -logsumexp term: d/dlogits = -softmax, slice by slice (the stored slices are overwritten in place)
         for i, (exp, start) in enumerate(zip(ctx.exps, range(0, w.size(0), ctx.cols))):
             minus_softmax = exp.mul_(ctx.slice_scale[:, i:i + 1] * -g[:, None])
-            grad_h.addmm_(minus_softmax, w[start:start + ctx.cols])
-            torch.mm(minus_softmax.t(), h, out=grad_w[start:start + ctx.cols])
+            rows = w[start:start + ctx.cols]
+            if low:
+                minus_softmax = minus_softmax.to(h.dtype)
+                grad_h += minus_softmax @ rows
+                grad_w[start:start + ctx.cols] = minus_softmax.t() @ h
+            else:
+                grad_h.addmm_(minus_softmax, rows)
+                torch.mm(minus_softmax.t(), h, out=grad_w[start:start + ctx.cols])
         ctx.exps = None
-        grad_w.index_add_(0, targets, g[:, None] * h)
+        grad_w.index_add_(0, targets, g[:, None] * h.float())
         return grad_h.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None
 
 

@@ -170,17 +170,31 @@ def test_token_logprobs_equal_log_softmax_in_value_and_gradient(monkeypatch, sca
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_token_logprobs_under_bfloat16_autocast_are_float32_and_have_gradients():
+def test_token_logprobs_under_bfloat16_autocast_take_bfloat16_products_and_float32_sums():
+    torch.manual_seed(0)
     model = tiny()
     x, targets = torch.randint(0, 37, (2, 10)), torch.randint(0, 37, (2, 10))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         hidden = model.hidden_states(x)  # bf16 activations, as in a PPO update with dtype bfloat16
         ours = model.token_logprobs(hidden, targets)
     assert ours.dtype == torch.float32
-    ours.sum().backward()  # the backward multiplies the saved float32 slices with float32 weights
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    # by hand: the logits as bf16 products (what generation samples from), logsumexp and target logit in float32
+    h, w = hidden.detach().reshape(-1, hidden.size(-1)).bfloat16(), model.lm_head.weight.detach().bfloat16()
+    logits = (h @ w.t()).float()
+    by_hand = (h.float() * w.float()[targets.reshape(-1)]).sum(-1) - logits.logsumexp(-1)
+    assert torch.allclose(ours.detach().reshape(-1), by_hand, atol=1e-5)
+    float32_products = F.log_softmax(model.lm_head(hidden.detach().float()), -1).gather(-1, targets[..., None])
+    assert (float32_products.reshape(-1) - by_hand).abs().max() > 1e-4  # the two are told apart above
+
+    weights = torch.randn(2, 10)
+    grads = torch.autograd.grad((ours * weights).sum(), model.parameters(), retain_graph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.hidden_states(x)
     reference = F.log_softmax(model.lm_head(hidden.float()), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-    assert torch.allclose(ours, reference, atol=1e-4)
+    reference_grads = torch.autograd.grad((reference * weights).sum(), model.parameters())
+    for a, b in zip(grads, reference_grads):  # the same gradients, to bf16's precision
+        assert torch.isfinite(a).all()
+        assert (a - b).abs().max() <= 2e-2 * b.abs().max() + 1e-6
 
 
 @pytest.mark.parametrize("bias", [True, False])
