@@ -86,6 +86,9 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             # generation: the keys and values of earlier positions were stored when they were computed,
             # so each new token costs one position's worth of work instead of re-running the whole prefix
+            if torch.is_autocast_enabled(x.device.type):  # stored as attention reads them under autocast
+                low = torch.get_autocast_dtype(x.device.type)  # (it would cast the whole cache at every step)
+                q, k, v = q.to(low), k.to(low), v.to(low)
             k, v = kv_cache.append(layer, k, v)
         # attn_mask None means plain causal attention: is_causal for a full sequence, nothing for one new token
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (GPT, GPTConfig, Linear, TokenLogprobs, read_safetensors, sample_next_token, top_k_filter,
+from model import (GPT, GPTConfig, KVCache, Linear, TokenLogprobs, read_safetensors, sample_next_token, top_k_filter,
                    top_p_filter)
 
 
@@ -95,6 +95,27 @@ def test_kv_cache_with_left_padding_equals_unpadded_generation():
     out = model.generate(batch, 10, attention_mask=mask, greedy=True)
     assert torch.equal(out[0], model.generate(a, 10, greedy=True)[0])
     assert torch.equal(out[1, 5:], model.generate(b, 10, greedy=True)[0])
+
+
+def test_kv_cache_under_bfloat16_autocast_stores_bfloat16_and_samples_what_a_float32_cache_did(monkeypatch):
+    model = tiny()
+    prompts = torch.randint(0, 37, (3, 6))
+    mask = torch.ones_like(prompts)
+    mask[0, :2] = 0
+
+    def sample():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.generate(prompts, 12, attention_mask=mask, generator=torch.Generator().manual_seed(1),
+                                  return_logprobs=True)
+
+    append, stored = KVCache.append, []
+    monkeypatch.setattr(KVCache, "append", lambda self, layer, k, v: stored.append(k.dtype) or append(self, layer, k, v))
+    tokens, logprobs = sample()
+    assert set(stored) == {torch.bfloat16}  # attention under autocast reads bf16: no cast of the cache per step
+    # a float32 cache, which attention casts to bf16 at every step, gives exactly the same tokens and log-probs
+    monkeypatch.setattr(KVCache, "append", lambda self, layer, k, v: append(self, layer, k.float(), v.float()))
+    tokens32, logprobs32 = sample()
+    assert torch.equal(tokens, tokens32) and torch.equal(logprobs, logprobs32)
 
 
 def test_generation_stops_per_row_at_end_of_text_and_fills_after_it():
