@@ -1,5 +1,5 @@
 # Pretrain a small GPT on the Python standard library, in the BPE of 2,048 tokens prepare.py learns from it:
-# about 5 minutes on a 2-core CPU with bfloat16 (dtype 'auto' on CPUs that compute it natively), longer in float32.
+# about 6 minutes on a 2-core CPU with bfloat16 (dtype 'auto' on CPUs that compute it natively), 9 in float32.
 # python data/pycode/prepare.py && python train_lm.py config/lm_small.py
 out_dir = "out/lm_small"
 dataset = "pycode"

@@ -1,4 +1,4 @@
-# Supervised fine-tuning of lm_small on the pycode demonstrations (def line + docstring -> body): about 3 minutes
+# Supervised fine-tuning of lm_small on the pycode demonstrations (def line + docstring -> body): about 4 minutes
 # on a 2-core CPU with bfloat16.
 # python train_lm.py config/lm_small.py && python train_sft.py config/sft_small.py
 out_dir = "out/sft_small"
