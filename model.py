@@ -56,6 +56,12 @@ class Linear(nn.Linear):
         return y.reshape(*x.shape[:-1], -1)
 
 
+def autocast_dtype(device_type, default=None):
+    """The dtype autocast runs matrix products in on this device right now (bf16 under a bf16 autocast), or
+    default when autocast is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
+
+
 def rows_contiguous(x, block=8192):
     """x (B, N) made row-major. Linear's few-row product returns it transposed, and a (B, 50k) copy from that
     layout in one go runs 2-5x slower than in column blocks that stay in the cache."""
@@ -86,8 +92,8 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             # generation: the keys and values of earlier positions were stored when they were computed,
             # so each new token costs one position's worth of work instead of re-running the whole prefix
-            if torch.is_autocast_enabled(x.device.type):  # stored as attention reads them under autocast
-                low = torch.get_autocast_dtype(x.device.type)  # (it would cast the whole cache at every step)
+            low = autocast_dtype(x.device.type)  # stored as attention reads them under autocast (which would
+            if low is not None:                   # otherwise cast the whole cache at every step)
                 q, k, v = q.to(low), k.to(low), v.to(low)
             k, v = kv_cache.append(layer, k, v)
         # attn_mask None means plain causal attention: is_causal for a full sequence, nothing for one new token
@@ -455,7 +461,7 @@ class TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets):
         device = hidden.device.type
-        product_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+        product_dtype = autocast_dtype(device, default=torch.float32)
         with torch.autocast(device, enabled=False):  # the products' dtype is chosen here, not per operation
             return TokenLogprobs._forward(ctx, hidden, weight, targets, product_dtype)
 
