@@ -97,25 +97,33 @@ def test_kv_cache_with_left_padding_equals_unpadded_generation():
     assert torch.equal(out[1, 5:], model.generate(b, 10, greedy=True)[0])
 
 
-def test_kv_cache_under_bfloat16_autocast_stores_bfloat16_and_samples_what_a_float32_cache_did(monkeypatch):
+def test_attention_on_a_cpu_runs_in_float32_under_bfloat16_autocast_and_its_cache_holds_float32(monkeypatch):
     model = tiny()
     prompts = torch.randint(0, 37, (3, 6))
     mask = torch.ones_like(prompts)
     mask[0, :2] = 0
-
-    def sample():
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            return model.generate(prompts, 12, attention_mask=mask, generator=torch.Generator().manual_seed(1),
-                                  return_logprobs=True)
-
-    append, stored = KVCache.append, []
+    sdpa, seen, stored = F.scaled_dot_product_attention, [], []
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((q.dtype, k.dtype, torch.is_autocast_enabled("cpu")))
+                        or sdpa(q, k, v, **kw))
+    append = KVCache.append
     monkeypatch.setattr(KVCache, "append", lambda self, layer, k, v: stored.append(k.dtype) or append(self, layer, k, v))
-    tokens, logprobs = sample()
-    assert set(stored) == {torch.bfloat16}  # attention under autocast reads bf16: no cast of the cache per step
-    # a float32 cache, which attention casts to bf16 at every step, gives exactly the same tokens and log-probs
-    monkeypatch.setattr(KVCache, "append", lambda self, layer, k, v: append(self, layer, k.float(), v.float()))
-    tokens32, logprobs32 = sample()
-    assert torch.equal(tokens, tokens32) and torch.equal(logprobs, logprobs32)
+    x = torch.randint(0, 37, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(x)
+        logits.float().sum().backward()  # training runs it too, and the gradients flow back through the casts
+        with torch.no_grad():
+            tokens = model.generate(prompts, 12, attention_mask=mask, generator=torch.Generator().manual_seed(1))
+    assert logits.dtype == torch.bfloat16  # the products around attention still run in autocast's dtype
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert set(seen) == {(torch.float32, torch.float32, False)} and set(stored) == {torch.float32}
+    assert tokens.shape == (3, 18)
+    # the float32 path is untouched: attention's output equals the plain float32 computation
+    attn, h = model.transformer.h[0].attn, torch.randn(2, 5, model.config.n_embd)
+    q, k, v = attn.c_attn(h).contiguous().split(model.config.n_embd, dim=2)
+    q, k, v = (t.view(2, 5, attn.n_head, -1).transpose(1, 2) for t in (q, k, v))
+    expected = attn.c_proj(sdpa(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 5, -1))
+    assert torch.equal(attn(h), expected)
 
 
 def test_generation_stops_per_row_at_end_of_text_and_fills_after_it():
