@@ -96,7 +96,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).contiguous().split(C, dim=2)  # few rows: Linear returned a transposed view
+        q, k, v = self.c_attn(x).contiguous().split(C, dim=2)  # few rows in float32: a transposed view
         # (B, T, C) -> (B, n_head, T, head_size): every head attends independently
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         out_dtype, work = q.dtype, attention_dtype(x.device.type, q.dtype)

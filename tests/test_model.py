@@ -234,6 +234,16 @@ def test_linear_gives_the_same_result_for_few_and_many_rows(bias):
         assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-6)
 
 
+def test_linear_takes_the_transposed_product_for_few_rows_in_float32_only():
+    torch.manual_seed(0)
+    layer, x = Linear(16, 40), torch.randn(4, 1, 16)
+    assert not layer(x).is_contiguous()  # float32: (W x^T)^T, a transposed view
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, expected = layer(x), F.linear(x, layer.weight, layer.bias)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous()  # bf16: the plain product, row-major logits
+    assert torch.equal(y, expected)
+
+
 def test_top_k_keeps_exactly_the_k_largest():
     logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
     kept = top_k_filter(logits, 2)
