@@ -990,11 +990,13 @@ def download(url, path, instead):
 
 def before_after_table(before, after, rows, stage):
     """The measures [(label, key)] of the SFT model (before) and of the model a stage trained from it (after), as
-    a fixed-width table; a measure the before results lack (the RM score when there is no RM) is left out."""
+    a fixed-width table; a measure the before results lack (the RM score when there is no RM) is left out. Empty
+    before results (a run that did not evaluate its starting model, eval_at_start=False) show as '-'."""
     lines = [f"{'':36}{'SFT (before)':>14}{f'{stage} (after)':>14}"]
     for label, key in rows:
-        if key in before and key in after:
-            lines.append(f"{label:36}{before[key]:>14.3f}{after[key]:>14.3f}")
+        if key in after and (key in before or not before):
+            was = f"{before[key]:.3f}" if before else "-"
+            lines.append(f"{label:36}{was:>14}{after[key]:>14.3f}")
     return "\n".join(lines)
 
 
@@ -1003,9 +1005,11 @@ def write_before_after(out_dir, stage, intro, table, png, before, after, prompts
     measures). before, after: {"metrics": {...}, "completions": [greedy completions of the prompts shown]}; prompts:
     those prompts, picked by the task's showcase order (tasks.shown), never by how their completions score."""
     samples = []
-    for i, (prompt, b, a) in enumerate(zip(prompts, before["completions"], after["completions"])):
-        samples.append(f"### prompt {i + 1}\n```python\n{prompt}```\nSFT (before):\n```python\n{b}\n```\n"
-                       f"{stage} (after):\n```python\n{a}\n```\n")
+    for i, (prompt, a) in enumerate(zip(prompts, after["completions"])):
+        b = before["completions"][i] if i < len(before["completions"]) else None  # None: not evaluated (see above)
+        samples.append(f"### prompt {i + 1}\n```python\n{prompt}```\n"
+                       + (f"SFT (before):\n```python\n{b}\n```\n" if b is not None else "")
+                       + f"{stage} (after):\n```python\n{a}\n```\n")
     report = (f"# {stage}: {out_dir}\n\n{intro}\n\n```\n{table}\n```\n\n![curves]({png})\n\n## Samples\n\n"
               "Greedy completions of the first held-out prompts in the task's showcase order (pycode: functions that "
               "take arguments first), the same prompts before and after.\n\n" + "\n".join(samples))

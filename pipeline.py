@@ -8,9 +8,13 @@ command you could type yourself; it is printed as it starts.
 RL results vary from seed to seed, so every RL stage runs once per seed (--seeds, 3 by default) from the same SFT
 and reward model, and the report gives the mean, min and max over seeds of each measure. The first seed's run goes
 on to twice the config's iterations (its result is still read at the config's last iteration), so that its curve
-shows whether the default stops at a lucky peak.
+shows whether the default stops at a lucky peak; it also evaluates the SFT model all seeds start from.
 
-    python pipeline.py                 # about 40 minutes on a 2-core CPU; finished stages are skipped
+Pretraining and SFT take every thread, one after the other. After them, two runs at a time, one thread each, each
+as soon as what it needs exists: the pairs, then the reward model beside GRPO and DPO (which need no reward model),
+then PPO.
+
+    python pipeline.py                 # about 25 minutes on a 2-core CPU; finished stages are skipped
     python pipeline.py --seeds=1       # one seed per RL stage: a quick look, not a result
     python pipeline.py --compare=True  # also PPO on the judge, GRPO on the RM, Dr. GRPO, RLOO, best-of-8, over the seeds
     python pipeline.py --redo=sft      # run SFT again, and every stage after it
@@ -70,6 +74,8 @@ class Run:
     out_dir: str
     seed: int = 0  # RL stages: the seed of this run
     report_iter: int = 0  # RL stages: the iteration whose evaluation is this run's result (the config's max_iters)
+    needs: tuple = ()  # the stages whose runs must all have finished before this one starts
+    alone: bool = False  # runs with every thread, nothing beside it (the stages everything after needs)
 
 
 def rl_iterations(script, config_file, extra):
@@ -119,12 +125,15 @@ def stages(cfg):
         extra["dpo_small"] += [f"--init_from={out('sft_small')}"] + [
             f"--{split}_file={out('pairs_small')}/pref_{split}.jsonl" for split in ("train", "val")]
     runs = [
-        Run("prepare", prepare, os.path.join(data, "meta.json"), data),
-        Run("pretrain", [py, "train_lm.py", "config/lm_small.py"] + extra["lm_small"], "loss.png", out("lm_small")),
-        Run("sft", [py, "train_sft.py", "config/sft_small.py"] + extra["sft_small"], "sft.png", out("sft_small")),
+        Run("prepare", prepare, os.path.join(data, "meta.json"), data, alone=True),
+        Run("pretrain", [py, "train_lm.py", "config/lm_small.py"] + extra["lm_small"], "loss.png", out("lm_small"),
+            alone=True),
+        Run("sft", [py, "train_sft.py", "config/sft_small.py"] + extra["sft_small"], "sft.png", out("sft_small"),
+            alone=True),
         Run("pairs", [py, "collect_pairs.py", "config/pairs_small.py"] + extra["pairs_small"], "meta.json",
-            out("pairs_small")),
-        Run("rm", [py, "train_rm.py", "config/rm_small.py"] + extra["rm_small"], "rm.png", out("rm_small")),
+            out("pairs_small"), needs=("sft",)),
+        Run("rm", [py, "train_rm.py", "config/rm_small.py"] + extra["rm_small"], "rm.png", out("rm_small"),
+            needs=("pairs",)),
     ]
     for stage, (_, script, config_file, variant_args) in {**RL_STAGES, **(VARIANTS if cfg.compare else {})}.items():
         base = {"train_ppo.py": "ppo_small", "train_grpo.py": "grpo_small", "train_dpo.py": "dpo_small"}[script]
@@ -134,23 +143,29 @@ def stages(cfg):
             raise UserError(f"{config_file}: eval_interval={eval_interval} must divide max_iters={max_iters}, so that "
                             f"every seed is evaluated at its last iteration")
         best_of = any(a.startswith("--best_of_n=") for a in variant_args)
+        # GRPO on the judge needs only the SFT model, DPO the pairs: they run while the reward model trains
+        needs = {"train_ppo.py": ("rm",), "train_dpo.py": ("pairs",),
+                 "train_grpo.py": ("rm",) if "--reward=model" in args else ("sft",)}[script]
         for seed in range(1, cfg.seeds + 1):
             out_dir = os.path.join(out(f"{stage}_small"), f"seed{seed}")
             # the long run: twice the iterations, evaluated twice as often, so its curve shows what comes after
             longer = ([f"--max_iters={2 * max_iters}", f"--eval_interval={max_iters // 2 or 1}"]
                       if seed == 1 and cfg.long_run and stage in RL_STAGES else [])
+            # every seed starts from the same SFT model: the first seed evaluates it, the others need not again
+            once = ["--eval_at_start=False"] if seed > 1 and not best_of else []
             runs.append(Run(stage, [py, script, config_file] + args + [f"--out_dir={out_dir}", f"--seed={seed}"]
-                            + longer, "report.md", out_dir, seed, BEST_OF if best_of else max_iters))
+                            + longer + once, "report.md", out_dir, seed, BEST_OF if best_of else max_iters, needs))
     return runs
 
 
 def run_stages(cfg):
-    """Run each stage that has not finished (or that --redo asks for); return {stage: seconds}. The stages before
-    RL run one after the other; the RL runs (every seed of every RL stage) then run cfg.jobs at a time."""
+    """Run each stage that has not finished (or that --redo asks for); return {stage: seconds}. Pretraining and SFT
+    run one after the other with every thread; the runs after them (the pairs, the reward model, every seed of
+    every RL stage) cfg.jobs at a time, each as soon as the stages it needs have finished."""
     timings_path = os.path.join(cfg.out, "timings.json")
     timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
     redo_from = STAGE_NAMES.index(cfg.redo) if cfg.redo in STAGE_NAMES else (0 if cfg.redo == "all" else None)
-    redone, rl_runs = set(), []
+    redone, later = set(), []
 
     def save_timings():
         os.makedirs(os.path.join(ROOT, cfg.out), exist_ok=True)
@@ -165,8 +180,8 @@ def run_stages(cfg):
         if run.stage not in redone:  # a stage's time is the sum of its runs, counted afresh when it runs again
             timings[run.stage] = 0.0
             redone.add(run.stage)
-        if run.seed:  # an RL run
-            rl_runs.append(run)
+        if not run.alone:
+            later.append(run)
             continue
         print(f"\n[{run.stage}] $ {shown(run.cmd)}", flush=True)
         t0 = time.time()
@@ -176,10 +191,10 @@ def run_stages(cfg):
         timings[run.stage] += time.time() - t0
         save_timings()
         print(f"[{run.stage}] finished in {format_duration(time.time() - t0)}")
-    if rl_runs:
+    if later:
         t0 = time.time()
-        run_in_parallel(rl_runs, cfg.jobs, timings, save_timings)
-        timings["rl_wall"] = time.time() - t0  # the RL runs' wall time, shorter than their sum when run in parallel
+        run_in_parallel(later, cfg.jobs, timings, save_timings)
+        timings["parallel_wall"] = time.time() - t0  # shorter than the runs' sum: several run at once
         save_timings()
     return timings
 
@@ -189,14 +204,20 @@ def shown(cmd):
 
 
 def run_in_parallel(runs, jobs, timings, save_timings):
-    """Run independent runs `jobs` at a time. With more than one at a time, each gets one thread (two processes of
-    two threads each on two cores spin against each other) and writes its output to out_dir/log.txt."""
+    """Run `jobs` runs at a time, each once every stage it needs has no run left to do, the first ready in the
+    order of `runs` (the reward model before the RL runs that wait for it). With more than one at a time, each gets
+    one thread (two processes of two threads each on two cores spin against each other) and writes its output to
+    out_dir/log.txt."""
     env = dict(os.environ, OMP_NUM_THREADS="1") if jobs > 1 else None
     pending, running = list(runs), []
+    unfinished = lambda stage: any(r.stage == stage for r in pending) or any(r.stage == stage for r, *_ in running)
     while pending or running:
-        while pending and len(running) < jobs:
-            run = pending.pop(0)
-            name = f"{run.stage} seed {run.seed}"
+        while len(running) < jobs:
+            run = next((r for r in pending if not any(unfinished(stage) for stage in r.needs)), None)
+            if run is None:
+                break
+            pending.remove(run)
+            name = f"{run.stage} seed {run.seed}" if run.seed else run.stage
             if jobs > 1:
                 os.makedirs(os.path.join(ROOT, run.out_dir), exist_ok=True)
                 log = open(os.path.join(ROOT, run.out_dir, "log.txt"), "w")
@@ -222,7 +243,8 @@ def run_in_parallel(runs, jobs, timings, save_timings):
                                 f"\n{tail}\nFix it and run `python pipeline.py` again: finished runs are skipped")
             timings[run.stage] += time.time() - t0
             save_timings()
-            print(f"[{name}] finished in {format_duration(time.time() - t0)}", flush=True)
+            print(f"[{name}] finished in {format_duration(time.time() - t0)}"
+                  + (f"; {len(pending) + len(running)} runs to go" if pending or running else ""), flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -264,13 +286,22 @@ def commit():
         return "unknown"
 
 
-def plot_seeds(path, stage, title, runs):
+def seed_curve(run, start):
+    """{iteration: measures} of one RL run, from the SFT model's evaluation (start: iteration 0) on. Seeds after the
+    first do not evaluate the SFT model again (--eval_at_start=False): it is the same model, evaluated once."""
+    ev = evaluations(run.out_dir)
+    if 0 not in ev and start and ev:
+        ev[0] = start
+    return dict(sorted(ev.items()))
+
+
+def plot_seeds(path, stage, title, runs, start):
     """One PNG per RL stage: each seed's held-out solved rate, reward-model score and KL to SFT against the
     iteration, and solved against KL (gold against distance from SFT: where over-optimisation shows)."""
     panels = {"solved, functions with arguments": {}, "reward model's score (the proxy)": {},
               "KL to SFT (nats/response)": {}, "solved against KL to SFT": {}}
     for run in runs:
-        ev = evaluations(run.out_dir)
+        ev = seed_curve(run, start)
         its = sorted(ev)
         name = f"seed {run.seed}"
         panels["solved, functions with arguments"][name] = (its, [ev[i]["solved_args"] for i in its])
@@ -316,8 +347,9 @@ def write_report(cfg, timings, argv):
     for stage, (title, *_) in methods.items():
         lines.append(f"| {title} | {len(by_stage[stage])} seeds (the time: all of them, one thread each) | | "
                      f"{wall(stage)} |")
-    if "rl_wall" in timings:
-        lines.append(f"| RL stages | wall time, {cfg.jobs} runs at a time | | {wall('rl_wall')} |")
+    if "parallel_wall" in timings:
+        lines.append(f"| pairs, RM and RL runs | wall time, {cfg.jobs} runs at a time (one thread each when more "
+                     f"than one) | | {wall('parallel_wall')} |")
 
     # the side-by-side table: SFT (the same evaluation, from the first RL run's iteration 0) and each method at the
     # config's last iteration, mean (min–max) over seeds
@@ -342,9 +374,10 @@ def write_report(cfg, timings, argv):
             gains.append(f"- {title}: solved on functions with arguments {min(deltas):+.3f} to {max(deltas):+.3f} "
                          f"against SFT over {len(deltas)} seeds (per seed: {', '.join(f'{d:+.3f}' for d in deltas)}); "
                          + ("it helps in every seed" if min(deltas) > 0 else "it does not help in every seed"))
-    # the wall time: the stages before RL one after the other, then the RL runs' wall time (several at once)
-    total = sum(timings.get(n, 0) for n in STAGE_NAMES[:5]) + timings.get(
-        "rl_wall", sum(timings.get(n, 0) for n in methods))
+    # the wall time: pretraining and SFT one after the other, then the wall time of the runs after them (several
+    # at once)
+    total = sum(timings.get(n, 0) for n in STAGE_NAMES[:3]) + timings.get(
+        "parallel_wall", sum(timings.get(n, 0) for n in STAGE_NAMES[3:5] + tuple(methods)))
     command = " ".join(["python pipeline.py"] + [shlex.quote(a) for a in argv])
     sections = [f"# The RLHF recipe, small scale\n\n`{command}` at commit {commit()}, {time.strftime('%Y-%m-%d %H:%M')}, on {machine()}. Wall time of the "
                 f"stages: {format_duration(total)}.\n\n## Results\n\n" + "\n".join(lines),
@@ -360,14 +393,14 @@ def write_report(cfg, timings, argv):
         if any(a.startswith("--best_of_n=") for a in args):
             continue  # no iterations: its table row says it all
         png = os.path.join(cfg.out, f"{stage}_seeds.png")
-        plot_seeds(png, stage, title, by_stage[stage])
+        plot_seeds(png, stage, title, by_stage[stage], sft_eval)
         sections.append(f"### {title}, every seed\n\n![{title}]({os.path.basename(png)})\n")
         # at the config's last iteration, and along the whole curve: its peak, and where the longest run ended
         per_seed = ["| seed | iterations run | solved, with arguments | solved | template | chrF | KL | "
                     "peak of the curve, with arguments (iteration) | last evaluation, with arguments (iteration) |",
                     "|---" * 9 + "|"]
         for run, r in zip(by_stage[stage], results[stage]):
-            ev = {i: m for i, m in evaluations(run.out_dir).items() if "solved_args" in m}
+            ev = {i: m for i, m in seed_curve(run, sft_eval).items() if "solved_args" in m}
             peak = max(ev, key=lambda i: ev[i]["solved_args"]) if ev else None
             curve = (f"{fmt(ev[peak]['solved_args'])} ({peak}) | {fmt(ev[max(ev)]['solved_args'])} ({max(ev)})"
                      if ev else "– | –")

@@ -60,6 +60,7 @@ class Config(RunConfig):
     init_from: str = "out/sft_small"  # the SFT out_dir the policy and the frozen reference start from; or 'resume'
     max_iters: int = 200  # optimizer steps in total
     eval_interval: int = 50  # evaluate (held-out pairs, the task's measures) and save a checkpoint every this many steps
+    eval_at_start: bool = True  # evaluate the SFT model first (pipeline.py: in one seed per stage, not in each)
     train_file: str = "data/pycode/pref_train.jsonl"  # pairs: ours {"prompt","chosen","rejected","kind"} or HH-RLHF
     val_file: str = "data/pycode/pref_val.jsonl"  # held-out pairs: loss, implicit accuracy, margin, drift per kind
     eval_prompts: str = "data/pycode/prompts_eval.jsonl"  # held-out prompts for the task's measures
@@ -353,14 +354,16 @@ def main(argv=None):
 
             # evaluate and checkpoint: at the start (the SFT model), every eval_interval steps and at the end
             at_end = iter_num >= cfg.max_iters or stop.requested
-            if (iter_num % cfg.eval_interval == 0 or at_end) and iter_num != resumed_at:
+            due = iter_num % cfg.eval_interval == 0 and (iter_num > 0 or cfg.eval_at_start)
+            if (due or at_end) and iter_num != resumed_at:
                 guard.check()  # a step that went nan or inf stops the run here, before evaluating or saving
                 t0 = time.time()
-                # the first evaluation is the SFT model's: its own reference (KL 0, not estimated)
-                last, completions = evaluate(raw_policy, ref if before else raw_policy, val, ref_val, val_batches,
+                # the evaluation at step 0 is the SFT model's: its own reference (KL 0, not estimated)
+                last, completions = evaluate(raw_policy, ref if iter_num > 0 else raw_policy, val, ref_val, val_batches,
                                              eval_set, tok, task, scorer, cfg, rt)
                 last_completions = [completions[i] for i in show]
-                before = before or {"metrics": last, "completions": last_completions}
+                if iter_num == 0:
+                    before = {"metrics": last, "completions": last_completions}
                 print(f"step {iter_num}: {describe(last, task)} ({format_duration(time.time() - t0)})", flush=True)
                 metrics.log(iter=iter_num, **last)
                 every_ref_train = merged(ref_train)  # under torchrun, every process's pairs
@@ -405,6 +408,7 @@ def main(argv=None):
                 interval_iters, interval_time = 0, 0.0
 
     # ---- the end: the before/after table (printed, report.md, before_after.json), the curves, samples
+    before = before or {"metrics": {}, "completions": []}  # eval_at_start=False: the SFT model not evaluated here
     table = before_after_table(before["metrics"], last, report_rows(task), "DPO")
     intro = (f"beta {cfg.beta}, dpop_lambda {cfg.dpop_lambda}; {len(eval_set.inputs)} held-out prompts, greedy completions "
              f"(KL from sampled ones); val: {len(val['kinds'])} held-out pairs")

@@ -80,6 +80,7 @@ class Config(RunConfig):
     template: Literal["none", "instruction"] = "none"  # prompt template, as used in SFT
     max_iters: int = 30  # iterations (rollout + update)
     eval_interval: int = 30  # evaluate and save a checkpoint every this many iterations
+    eval_at_start: bool = True  # evaluate the SFT model first (pipeline.py: in one seed per stage, not in each)
     log_interval: int = 1  # print a line every this many iterations
     best_of_n: int = field(0, min=0)  # > 0: train nothing; evaluate the best of this many SFT samples per prompt
     # rollout
@@ -407,11 +408,12 @@ def main(argv=None, score_fn=None):
         for it in range(start_iter, cfg.max_iters + 1):
             # ---- evaluate: before any update, every eval_interval, at the end
             at_end = it == cfg.max_iters or stop.requested
-            if (it % cfg.eval_interval == 0 or at_end) and not (ckpt and it == start_iter):
-                # the first evaluation is the SFT model's: its own reference (KL 0, not estimated)
-                last_eval, completions = evaluate(policy, (ref or reference()) if before else policy, reward_model,
+            due = it % cfg.eval_interval == 0 and (it > 0 or cfg.eval_at_start)
+            if (due or at_end) and not (ckpt and it == start_iter):
+                # the evaluation at iteration 0 is the SFT model's: its own reference (KL 0, not estimated)
+                last_eval, completions = evaluate(policy, (ref or reference()) if it > 0 else policy, reward_model,
                                                   tok, eval_set, cfg, rt)
-                if before is None:
+                if it == 0:
                     before = {"metrics": last_eval, "completions": [completions[i] for i in show]}
                 print(f"eval @ {it}: {task.describe(last_eval)}" + (f"; RM score {last_eval['rm_score']:.3f}"
                                                                      if "rm_score" in last_eval else ""), flush=True)
@@ -505,6 +507,7 @@ def main(argv=None, score_fn=None):
                       flush=True)
 
     # ---- the report: before/after table, curves, samples
+    before = before or {"metrics": {}, "completions": []}  # eval_at_start=False: the SFT model not evaluated here
     table = write_report(cfg, before, last_eval, after_completions, eval_set.inputs, show, task) if rt.is_master else ""
     print(table)
     print(f"done in {format_duration(time.time() - t_start)}; wrote {cfg.out_dir}/ckpt.pt, metrics.jsonl, grpo.png, "

@@ -53,7 +53,8 @@ def evaluate_policy(model, tok, eval_set, max_new_tokens, device="cpu", autocast
         _, sampled, logprobs = complete(model, tok, eval_set.inputs, max_new_tokens, batch_size=batch_size,
                                         device=device, autocast=autocast, greedy=False, generator=generator,
                                         samples=samples, with_logprobs=True)
-        kl = torch.tensor(logprobs) - sequence_logprobs(ref_model, sampled, device, autocast).cpu()  # log pi: sampling's
+        log_ref = sequence_logprobs(ref_model, sampled, device, autocast, samples=samples).cpu()
+        kl = torch.tensor(logprobs) - log_ref  # log pi: sampling's
         result["kl"] = kl.mean().item()
     model.train(was_training)
     return result, texts

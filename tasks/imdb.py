@@ -48,7 +48,8 @@ def evaluate_policy(model, tok, eval_set, max_new_tokens, device="cpu", autocast
     if ref_model is model:  # the policy before any update is its own reference: KL 0, nothing to estimate
         result["kl"] = 0.0
     elif ref_model is not None:
-        kl = torch.tensor(logprobs) - sequence_logprobs(ref_model, rows, device, autocast).cpu()  # log pi from sampling
+        log_ref = sequence_logprobs(ref_model, rows, device, autocast, samples=n).cpu()
+        kl = torch.tensor(logprobs) - log_ref  # log pi from sampling
         result["kl"] = kl.mean().item()
     model.train(was_training)
     return result, texts[::n]

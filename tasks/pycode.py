@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model import KVCache
 from common import complete, read_jsonl, text_field, format_prompt, UserError, batch_rows, batches_by_length
 
 TEMPLATE_PROMPTS = 3  # a normalised body given to this many different prompts is a template (see above)
@@ -296,15 +297,31 @@ def pass_at_k(prompts, samples, k, ended=None):
 
 
 @torch.no_grad()
-def sequence_logprobs(model, rows, device, autocast, batch_size=64):
+def sequence_logprobs(model, rows, device, autocast, batch_size=64, samples=1):
     """log p(response | prompt) of each (prompt ids, response ids) row: the sum over the response's tokens. Rows
-    are batched in order of length, so that a batch pads to about its own rows' width."""
+    are batched in order of length, so that a batch pads to about its own rows' width.
+
+    samples = k > 1: the rows come k to a prompt, as complete(samples=k) returns them. Each prompt is then run once
+    and its keys and values shared by its k responses (a held-out prompt is ~3x longer than its response: this
+    takes the reference's forward pass in an evaluation from 8.5 to 5.5 s on one thread)."""
     out = torch.empty(len(rows))
-    for batch in batches_by_length([(len(p), len(r)) for p, r in rows], batch_size):
+    k = samples
+    if len(rows) % k or any(rows[i][0] != rows[i - i % k][0] for i in range(len(rows))):
+        raise ValueError(f"samples={k}: the rows must come {k} to a prompt, the prompt's rows one after another")
+    for groups in batches_by_length([len(rows[g * k][0]) for g in range(len(rows) // k)], max(1, batch_size // k)):
+        batch = [g * k + j for g in groups for j in range(k)]
         seqs, attn, P = batch_rows([rows[i] for i in batch], 0, device)
+        responses = seqs[:, P:]
         with autocast:
-            hidden = model.hidden_states(seqs, attn)[:, P - 1:-1]
-            logp = model.token_logprobs(hidden, seqs[:, P:]).float()
+            if k == 1:
+                hidden = model.hidden_states(seqs, attn)[:, P - 1:-1]  # the state before each response token
+            else:
+                cache = KVCache(model.config.n_layer, seqs.size(1))
+                last = model.hidden_states(seqs[::k, :P], attn[::k, :P], cache)[:, -1:]  # each prompt once
+                cache.repeat(k)  # its keys and values, once per response
+                hidden = torch.cat([last.repeat_interleave(k, dim=0),
+                                    model.hidden_states(responses[:, :-1], attn[:, :-1], cache)], dim=1)
+            logp = model.token_logprobs(hidden, responses).float()
         out[batch] = (logp * attn[:, P:]).sum(dim=1).cpu()
     return out.to(device)
 
@@ -342,7 +359,8 @@ def evaluate_policy(model, tok, eval_set, max_new_tokens, device="cpu", autocast
             result["kl"] = 0.0
         elif ref_model is not None:
             # log pi(y|x) as generation computed it (temperature 1: the policy itself), log pi_ref(y|x) by a forward
-            kl = torch.tensor(logprobs) - sequence_logprobs(ref_model, sampled_rows, device, autocast).cpu()
+            kl = torch.tensor(logprobs) - sequence_logprobs(ref_model, sampled_rows, device, autocast,
+                                                            samples=samples).cpu()
             result["kl"] = kl.mean().item()
     model.train(was_training)
     return result, completions

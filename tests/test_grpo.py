@@ -208,6 +208,25 @@ def test_end_to_end_grpo_raises_a_toy_reward_with_a_known_optimum(tmp_path):
     assert [r["iter"] for r in evals] == [0, 40] and evals[-1]["eval_kl"] > 0  # evaluate() loads the reference
 
 
+def test_without_the_evaluation_at_start_the_first_is_after_updates_and_measures_its_kl(tmp_path):
+    """eval_at_start=False (the pipeline's later seeds): no evaluation at iteration 0; the first one, after updates,
+    estimates the KL against the reference (a start-of-run evaluation would take the policy as its own reference)
+    and the report's SFT column is empty rather than filled with a trained model's measures."""
+    sft = make_policy_checkpoint(tmp_path / "sft")
+    prompts = toy_prompts(tmp_path / "prompts.jsonl", 8)
+    out = tmp_path / "grpo"
+    result = train_grpo.main([f"--init_from={sft}", f"--out_dir={out}", f"--prompts_file={prompts}",
+                              f"--eval_prompts={prompts}", "--max_iters=2", "--eval_interval=1", "--batch_size=2",
+                              "--group_size=4", "--max_new_tokens=6", "--learning_rate=3e-3", "--device=cpu",
+                              "--eval_samples=2", "--eval_at_start=False"], score_fn=even_token_share)
+    evals = [r for r in read_jsonl_records(out / "metrics.jsonl") if "eval_solved" in r]
+    assert [r["iter"] for r in evals] == [1, 2] and evals[0]["eval_kl"] != 0.0
+    assert result["before"] == {} and result["after"]["kl"] == evals[-1]["eval_kl"]
+    report = (out / "report.md").read_text()
+    assert "GRPO (after):" in report and "SFT (before):" not in report
+    assert all(line.split()[-2] == "-" for line in report.split("```")[1].strip().splitlines()[1:])
+
+
 def test_grpo_resume_is_exact_with_a_kl_loss_and_several_updates_per_rollout(tmp_path):
     sft = make_policy_checkpoint(tmp_path / "sft")
     prompts = toy_prompts(tmp_path / "prompts.jsonl", 10)

@@ -60,6 +60,14 @@ def test_tiny_pipeline_runs_every_stage_over_seeds_and_writes_the_report(tmp_pat
     assert os.path.getsize(os.path.join(out, "dpo_small", "seed2", "log.txt")) > 0
     assert "[grpo seed 1] $ python train_grpo.py config/grpo_small.py" in printed
     assert "[pairs] $ python collect_pairs.py config/pairs_small.py" in printed
+    # after SFT: the pairs beside GRPO (it needs only the SFT model), PPO only once the reward model has finished
+    assert printed.index("[grpo seed 1] $") < printed.index("[pairs] finished") < printed.index("[rm] $")
+    assert printed.index("[rm] finished") < printed.index("[ppo seed 1] $")
+    # the SFT model is evaluated once per stage, by its first seed; the others' curves start from that evaluation
+    for stage in ("ppo_small", "grpo_small", "dpo_small"):
+        assert 0 in pipeline.evaluations(os.path.join(out, stage, "seed1"))
+        assert 0 not in pipeline.evaluations(os.path.join(out, stage, "seed2"))
+    assert "--eval_at_start=False" in printed.split("[dpo seed 2] $")[1].splitlines()[0]
     # a second run skips every finished run: 5 stages and 2 seeds of each RL stage and of each variant
     pipeline.main(["--tiny=True", f"--out={out}", "--seeds=2", "--compare=True"])
     assert capsys.readouterr().out.count("done already") == 5 + 3 * 2 + 6 * 2

@@ -204,6 +204,11 @@ def test_complete_gives_k_samples_per_prompt_in_the_order_of_the_prompts_with_th
     assert texts == [tok.decode(r[:-1] if r[-1:] == [tok.eot_token] else r) for _, r in rows]
     forward = task.sequence_logprobs(model, rows, "cpu", contextlib.nullcontext())  # batched by length too
     assert torch.allclose(torch.tensor(logprobs), forward, atol=1e-4)
+    # each prompt run once for its 2 responses (its keys and values shared): the same log-probabilities
+    shared = task.sequence_logprobs(model, rows, "cpu", contextlib.nullcontext(), batch_size=4, samples=2)
+    assert torch.allclose(shared, forward, atol=1e-5)
+    with pytest.raises(ValueError, match="2 to a prompt"):
+        task.sequence_logprobs(model, rows[1:] + rows[:1], "cpu", contextlib.nullcontext(), samples=2)
     _, greedy_rows = complete(model, tok, prompts, 6, batch_size=3)
     assert [p for p, _ in greedy_rows] == [tok.encode(p) for p in prompts]
 
