@@ -1,6 +1,7 @@
 """common.load_config: Python config files, --key=value overrides, type and range checks, clear errors, --help."""
 import glob
 import os
+import types
 import typing
 from dataclasses import dataclass
 
@@ -167,3 +168,18 @@ def test_the_bf16_speedup_is_measured_and_one_process_agrees_with_itself():
     import common
     assert common.cpu_bf16_speedup(n=64, reps=1) > 0
     assert common.slowest_over_processes(1.7) == 1.7
+
+
+def test_the_bf16_speedup_keeps_each_dtypes_fastest_product_over_alternating_rounds(monkeypatch):
+    """A burst of other work slows the products it overlaps: the dtypes alternate, each keeps its fastest, so one
+    slow round of bf16 does not make a bf16 CPU look slow."""
+    import common
+    calls, speeds = [], {"bfloat16": iter([1.0, 4.0, 3.0]), "float32": iter([2.0, 1.5, 2.0])}
+    monkeypatch.setattr(common, "measure_matmul_flops", lambda device, n, reps, dtype: calls.append(dtype)
+                        or next(speeds[dtype]))
+    assert common.cpu_bf16_speedup(rounds=3) == 2.0  # 4.0 / 2.0
+    assert calls == ["bfloat16", "float32"] * 3
+    monkeypatch.undo()  # the real measure_matmul_flops, on a clock that times three products at 1 s, 0.1 s, 1 s
+    clock = iter([0.0, 1.0, 1.0, 1.1, 1.1, 2.1])
+    monkeypatch.setattr(common, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert common.measure_matmul_flops("cpu", n=8, reps=3) == pytest.approx(2 * 8 ** 3 / 0.1)
