@@ -590,6 +590,12 @@ def mfu_peak(peak_tflops, runtime):
                                                                          f"peak_tflops to change")
 
 
+def evaluation_due(step, eval_interval, eval_at_start):
+    """An RL stage evaluates every eval_interval steps (and at its end), step 0 (the SFT model it starts from) only
+    with eval_at_start: pipeline.py evaluates that model in one seed of a stage, not again in every seed."""
+    return step % eval_interval == 0 and (step > 0 or eval_at_start)
+
+
 def cosine_lr(it, learning_rate, warmup_iters, decay_iters, min_lr):
     """Linear warm-up, then cosine decay to min_lr at decay_iters, then min_lr (as nanoGPT)."""
     if it < warmup_iters:

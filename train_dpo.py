@@ -44,11 +44,11 @@ import torch
 from torch.nn import functional as F
 
 import tasks
-from common import (average_gradients, before_after_table, cosine_lr, field, format_duration, gather_objects,
-                    grad_scaler, load_checkpoint, mean_over_processes, Metrics, model_from_checkpoint, NonFiniteGuard,
-                    optimizer_step, plot_curves, read_jsonl_records, read_preference_pairs, resume_checkpoint,
-                    rng_state, RunConfig, save_checkpoint, set_rng_state, shard, start_stage, StopRequest, UserError,
-                    write_before_after)
+from common import (average_gradients, before_after_table, cosine_lr, evaluation_due, field, format_duration,
+                    gather_objects, grad_scaler, load_checkpoint, mean_over_processes, Metrics, model_from_checkpoint,
+                    NonFiniteGuard, optimizer_step, plot_curves, read_jsonl_records,
+                    read_preference_pairs, resume_checkpoint, rng_state, RunConfig, save_checkpoint, set_rng_state,
+                    shard, start_stage, StopRequest, UserError, write_before_after)
 from tokenizer import get_tokenizer
 from train_rm import batch_indices, encode_pairs, pair_metrics_by_kind, pairwise_loss, rm_scorer
 from train_sft import sft_batch
@@ -354,7 +354,7 @@ def main(argv=None):
 
             # evaluate and checkpoint: at the start (the SFT model), every eval_interval steps and at the end
             at_end = iter_num >= cfg.max_iters or stop.requested
-            due = iter_num % cfg.eval_interval == 0 and (iter_num > 0 or cfg.eval_at_start)
+            due = evaluation_due(iter_num, cfg.eval_interval, cfg.eval_at_start)
             if (due or at_end) and iter_num != resumed_at:
                 guard.check()  # a step that went nan or inf stops the run here, before evaluating or saving
                 t0 = time.time()

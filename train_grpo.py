@@ -48,10 +48,10 @@ from typing import Literal
 import torch
 
 import tasks
-from common import (average_gradients, before_after_table, field, format_duration, load_checkpoint,
-                    mean_over_processes, Metrics, model_from_checkpoint, NonFiniteGuard, pad_left, plot_curves,
-                    read_jsonl_records, read_prompts, resume_checkpoint, rng_state, RunConfig, save_checkpoint,
-                    set_rng_state, shard, start_stage, StopRequest, UserError, write_before_after)
+from common import (average_gradients, before_after_table, evaluation_due, field, format_duration, load_checkpoint,
+                    mean_over_processes, Metrics, model_from_checkpoint, NonFiniteGuard, pad_left,
+                    plot_curves, read_jsonl_records, read_prompts, resume_checkpoint, rng_state, RunConfig,
+                    save_checkpoint, set_rng_state, shard, start_stage, StopRequest, UserError, write_before_after)
 from tokenizer import get_tokenizer, tokenizer_name
 from train_ppo import (global_masked_mean, masked_mean, masked_whiten, response_logprobs, response_mask,
                        task_scorer)  # shared with PPO
@@ -408,7 +408,7 @@ def main(argv=None, score_fn=None):
         for it in range(start_iter, cfg.max_iters + 1):
             # ---- evaluate: before any update, every eval_interval, at the end
             at_end = it == cfg.max_iters or stop.requested
-            due = it % cfg.eval_interval == 0 and (it > 0 or cfg.eval_at_start)
+            due = evaluation_due(it, cfg.eval_interval, cfg.eval_at_start)
             if (due or at_end) and not (ckpt and it == start_iter):
                 # the evaluation at iteration 0 is the SFT model's: its own reference (KL 0, not estimated)
                 last_eval, completions = evaluate(policy, (ref or reference()) if it > 0 else policy, reward_model,

@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 
 import tasks
-from common import (all_reduce_mean, all_reduce_sum, average_gradients, before_after_table, dataset_dir,
-                    distributed, field, format_duration, load_checkpoint, mean_over_processes, Metrics,
-                    model_from_checkpoint, NonFiniteGuard, pad_left, plot_curves, read_jsonl_records, read_prompts,
-                    resume_checkpoint, rng_state, RunConfig, same_weights_everywhere, save_checkpoint, set_rng_state,
-                    shard, start_stage, StopRequest, TokenBatches, UserError, unshard, write_before_after)
+from common import (all_reduce_mean, all_reduce_sum, average_gradients, before_after_table, dataset_dir, distributed,
+                    evaluation_due, field, format_duration, load_checkpoint, mean_over_processes, Metrics,
+                    model_from_checkpoint, NonFiniteGuard, pad_left, plot_curves, read_jsonl_records,
+                    read_prompts, resume_checkpoint, rng_state, RunConfig, same_weights_everywhere, save_checkpoint,
+                    set_rng_state, shard, start_stage, StopRequest, TokenBatches, unshard, UserError,
+                    write_before_after)
 from tokenizer import get_tokenizer, tokenizer_name
 from train_rm import reward_at_last_token, rm_scorer  # the score, read at the last real token, as the RM was trained
 
@@ -333,10 +334,11 @@ def main(argv=None, score_fn=None):
         for it in range(start_iter, cfg.max_iters + 1):
             # ---- evaluate: before any update, every eval_interval, at the end
             at_end = it == cfg.max_iters or stop.requested
-            due = it % cfg.eval_interval == 0 and (it > 0 or cfg.eval_at_start)
+            due = evaluation_due(it, cfg.eval_interval, cfg.eval_at_start)
             if (due or at_end) and not (ckpt and it == start_iter):
                 # the evaluation at iteration 0 is the SFT model's: its own reference (KL 0, not estimated)
-                last_eval, completions = evaluate(policy, ref if it > 0 else policy, reward_model, tok, eval_set, cfg, rt)
+                last_eval, completions = evaluate(policy, ref if it > 0 else policy, reward_model, tok, eval_set, cfg,
+                                                  rt)
                 if it == 0:
                     before = {"metrics": last_eval, "completions": [completions[i] for i in show]}
                 print(f"eval @ {it}: {task.describe(last_eval)}; RM score {last_eval.get('rm_score', float('nan')):.3f}",

@@ -11,8 +11,8 @@ import torch
 
 import train_dpo
 import train_rm
-from common import (Metrics, NonFiniteGuard, TokenBatches, UserError, gpt2_weights, load_checkpoint, make_out_dir,
-                    read_jsonl, read_jsonl_records, read_meta, save_checkpoint, write_atomic)
+from common import (Metrics, NonFiniteGuard, TokenBatches, UserError, evaluation_due, gpt2_weights, load_checkpoint,
+                    make_out_dir, read_jsonl, read_jsonl_records, read_meta, save_checkpoint, write_atomic)
 from conftest import write_token_dataset
 
 
@@ -235,3 +235,8 @@ def test_batches_by_length_puts_rows_of_similar_length_together_and_covers_every
     assert batches_by_length([5, 1, 3, 2], 2) == [[1, 3], [2, 0]]  # lengths 1, 2 | 3, 5
     assert batches_by_length([(2, 9), (1, 4), (2, 1)], 2) == [[1, 2], [0]]  # (prompt, response): prompt first
     assert batches_by_length([], 4) == []
+
+
+def test_evaluation_due_every_interval_and_at_step_0_only_with_eval_at_start():
+    due = lambda at_start: [s for s in range(0, 7) if evaluation_due(s, 3, at_start)]
+    assert due(True) == [0, 3, 6] and due(False) == [3, 6]
